@@ -330,8 +330,11 @@ class DynamicLlavaCache(Cache):
             self._real_tokens = (self._real_tokens - (length - target)).clamp(min=0)
 
     def reset(self) -> None:
+        """Empty every layer and the bookkeeping (4.57's DynamicLayer.reset only zeroes in place)."""
         for layer in self.layers:
             layer.reset()
+            layer.keys = layer.values = None
+            layer.is_initialized = False
         self._vision, self._output_text_keep, self._real_tokens = [], None, None
 
 

@@ -56,8 +56,11 @@ def tiny_config(**overrides) -> DynamicLlavaConfig:
     return DynamicLlavaConfig(**kwargs)
 
 
-def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> DynamicLlavaForConditionalGeneration:
-    """A tiny random model in eval mode, float32. The weights are widened so greedy choices are well separated."""
+def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", suppress_eos: bool = True, **overrides) -> DynamicLlavaForConditionalGeneration:
+    """
+    A tiny random model in eval mode, float32. The weights are widened so greedy choices are well separated;
+    with `suppress_eos` generation always runs `max_new_tokens` (a random model says EOS at random).
+    """
     config = tiny_config(**overrides)
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
@@ -68,6 +71,51 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
         for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.3 if "embed" not in name else 1.0)
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]  # a random model could emit it
+    # a random model could emit the image token; it must not end up inside generated text
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID] + ([config.text_config.eos_token_id] if suppress_eos else [])
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def calibrate_output_text_bias(model, inputs: dict, max_new_tokens: int = 30, rounds: int = 3) -> float:
+    """
+    Shift the last bias of the output-text predictor so that about half of the generated tokens are kept
+    (median margin `logit0 - logit1` -> 0), as a trained predictor does at `output_text_keep_rate` 0.5.
+    Random weights otherwise keep all or none. Returns the observed keep rate of a final greedy run.
+    """
+    head = model.output_text_score_predictor.output_mlp[-1]
+    for _ in range(rounds):
+        margins = []
+        hook = head.register_forward_hook(lambda mod, args, out: margins.append((out[..., 0] - out[..., 1]).flatten()))
+        try:
+            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        finally:
+            hook.remove()
+        median = torch.cat(margins).median()
+        with torch.no_grad():
+            head.bias[0] -= median / 2
+            head.bias[1] += median / 2
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    keep = torch.cat(cache.output_text_keep)
+    return float(keep.float().mean())
+
+
+def tiny_inputs(batch_prompts=((5, 6, 7),), num_images=None, seed: int = 0, image_position: int = 1):
+    """
+    Left-padded `input_ids`, `attention_mask` and `pixel_values` for the tiny model: row i is
+    `[BOS] + prompt[:image_position] + <image> x 16 + prompt[image_position:]`, one image per row.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt in batch_prompts:
+        prompt = list(prompt)
+        rows.append([1] + prompt[:image_position] + [IMAGE_TOKEN_ID] * 16 + prompt[image_position:])
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+    pixel_values = torch.randn(len(rows), 3, 32, 32, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
