@@ -1,0 +1,122 @@
+"""Property tests of `SparseLayer` against a dense, masked reference (hypothesis)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynamic_llava import DynamicLlavaCache, SparseLayer
+from dynamic_llava.modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+
+HEADS, DIM = 2, 3
+sparse_mask = DynamicLlavaForConditionalGeneration._sparse_mask
+
+
+class DenseReference:
+    """Every entry ever shown, with its position and keep flag; attention masks dropped ones."""
+
+    def __init__(self, batch):
+        self.keys = torch.zeros(batch, HEADS, 0, DIM)
+        self.values = torch.zeros(batch, HEADS, 0, DIM)
+        self.positions = torch.zeros(batch, 0, dtype=torch.long)
+        self.keep = torch.zeros(batch, 0, dtype=torch.bool)
+
+    def attend(self, query, k, v, pos, store, valid):
+        """Attention of the chunk's queries over (kept past) + (chunk, causal by position)."""
+        keys = torch.cat([self.keys, k], dim=2)
+        values = torch.cat([self.values, v], dim=2)
+        key_pos = torch.cat([self.positions, pos], dim=1)
+        past_visible = self.keep
+        key_ok = torch.cat([past_visible, valid], dim=1)
+        visible = key_ok[:, None, :] & (key_pos[:, None, :] <= pos[:, :, None])
+        q = pos.shape[1]
+        offset = keys.shape[2] - q
+        visible[:, torch.arange(q), offset + torch.arange(q)] = True
+        out = _attention(query, keys, values, visible)
+        self.keys, self.values = keys, values
+        self.positions, self.keep = key_pos, torch.cat([past_visible, store & valid], dim=1)
+        return out
+
+    def select(self, index):
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.positions, self.keep = self.positions[index], self.keep[index]
+
+
+def _attention(query, keys, values, visible):
+    scores = query @ keys.transpose(-1, -2)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return scores.softmax(-1) @ values
+
+
+chunk_strategy = st.tuples(
+    st.integers(1, 5),  # chunk length
+    st.integers(0, 2**16),  # seed of keep mask / padding / values
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    chunks=st.lists(chunk_strategy, min_size=1, max_size=6),
+    reorder_after=st.integers(0, 6),
+    pad_first=st.booleans(),
+)
+def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_after, pad_first):
+    layer = SparseLayer()
+    ref = DenseReference(batch)
+    next_pos = torch.zeros(batch, dtype=torch.long)
+    for step, (length, seed) in enumerate(chunks):
+        g = torch.Generator().manual_seed(seed)
+        k = torch.randn(batch, HEADS, length, DIM, generator=g)
+        v = torch.randn(batch, HEADS, length, DIM, generator=g)
+        query = torch.randn(batch, HEADS, length, DIM, generator=g)
+        store = torch.rand(batch, length, generator=g) < 0.5
+        valid = torch.ones(batch, length, dtype=torch.bool)
+        if step == 0 and pad_first:  # left padding: a random number of leading pads per row
+            pads = torch.randint(0, length, (batch,), generator=g)
+            valid = torch.arange(length)[None, :] >= pads[:, None]
+        pos = next_pos[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
+        next_pos = next_pos + valid.sum(-1)
+
+        stored_before = layer.positions.clone() if layer.is_initialized else None
+        layer.stage(store & valid, pos, length)
+        keys, values = layer.update(k, v)
+        mask = sparse_mask(stored_before, pos, valid, torch.float32, "sdpa")[:, 0]
+        ours = _attention(query, keys, values, mask)
+        expected = ref.attend(query, k, v, pos, store, valid)
+        assert torch.allclose(ours, expected, atol=1e-5)
+
+        # storage: each row holds exactly its kept entries, in order, left-aligned; width = max kept
+        counts = ref.keep.sum(-1)
+        assert torch.equal(layer.kept_length(), counts)
+        assert layer.keys.shape[2] == int(counts.max())
+        for b in range(batch):
+            n = int(counts[b])
+            assert torch.equal(layer.keys[b, :, :n], ref.keys[b][:, ref.keep[b]])
+            assert torch.equal(layer.values[b, :, :n], ref.values[b][:, ref.keep[b]])
+            assert torch.equal(layer.positions[b, :n], ref.positions[b][ref.keep[b]])
+            assert (layer.positions[b, n:] == -1).all()
+        assert layer.get_seq_length() == sum(c[0] for c in chunks[: step + 1])
+
+        if step == reorder_after:  # beam-style reorder, with duplicated rows
+            index = torch.randint(0, batch, (batch,), generator=g)
+            layer.reorder_cache(index)
+            ref.select(index)
+            next_pos = next_pos[index]
+
+
+def test_cache_bytes_and_lengths_for_a_known_pattern():
+    cache = DynamicLlavaCache(num_hidden_layers=3, sparse_layer=1)
+    k = torch.randn(2, HEADS, 4, DIM)
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    store = torch.tensor([[False, True, False, True], [True, False, False, True]])
+    pos = torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]])
+    cache.update(k, k, 0)
+    cache.stage_sparse_chunk(valid, store, pos)
+    for i in (1, 2):
+        cache.update(k, k, i)
+    assert cache.kept_lengths().tolist() == [[3, 4], [2, 2], [2, 2]]
+    entry = 2 * HEADS * DIM * 4
+    assert cache.stored_bytes() == 2 * 4 * entry + 2 * (2 * 2 * entry)
+    assert cache.dense_bytes() == 3 * 2 * 4 * entry
+    assert cache.get_seq_length() == 4
+    assert cache.stored_positions().tolist() == [[0, 2], [0, 3]]
