@@ -291,6 +291,28 @@ class DynamicLlavaCache(Cache):
                 total += batch * length * per_token
         return total
 
+    def sparsity_report(self) -> dict:
+        """
+        What the cache holds, for any call: per row the vision tokens kept and the generated tokens kept, and bytes.
+        `kv_bytes_ratio` = stored_bytes / dense_bytes (dense = a stock DynamicCache for the same inputs).
+        """
+        decisions = self.output_text_keep
+        vision = [v if isinstance(v, list) else [v] for v in self.kept_vision_indices]
+        kept_generated = [int(d.sum()) for d in decisions]
+        generated = [int(d.numel()) for d in decisions]
+        stored, dense = self.stored_bytes(), self.dense_bytes()
+        return {
+            "sparse_layer": self.sparse_layer,
+            "vision_tokens_kept": [[int(i.numel()) for i in images] for images in vision],
+            "output_text_kept": kept_generated,
+            "output_text_scored": generated,
+            "output_text_keep_rate": (sum(kept_generated) / sum(generated)) if sum(generated) else None,
+            "kept_lengths": self.kept_lengths().tolist(),
+            "stored_bytes": stored,
+            "dense_bytes": dense,
+            "kv_bytes_ratio": (stored / dense) if dense else None,
+        }
+
     # ---- batch operations keep the bookkeeping with its rows ---------------------------------------------------
 
     def _select_rows(self, fn) -> None:
