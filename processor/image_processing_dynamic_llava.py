@@ -287,7 +287,9 @@ class DynamicLlavaImageProcessor(_CLIPImageProcessorBase):
             input_data_format=input_data_format,
         )
         kwargs.pop("do_convert_rgb", None)  # already RGB; the stock conversion would composite alpha onto white
-        output = super().preprocess(prepared, *args, do_convert_rgb=False, **kwargs)
+        # PIL images are HWC once turned into arrays; saying so avoids the stock guess, which reads tiny images
+        # such as 1x1 (array shape (1, 1, 3)) as channels-first
+        output = super().preprocess(prepared, *args, do_convert_rgb=False, input_data_format="channels_last", **kwargs)
         pixel_values = output.get("pixel_values")
         if isinstance(pixel_values, np.ndarray) and pixel_values.dtype != np.float32:
             output["pixel_values"] = pixel_values.astype(np.float32)

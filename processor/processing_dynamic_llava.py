@@ -170,9 +170,21 @@ class DynamicLlavaProcessor(LlavaProcessor):
         timeout = kwargs.pop("timeout", None)
         flat_images = [load_image_input(image, timeout=timeout) for image in flat_images]
 
+        if "do_pad_to_square" in kwargs:
+            # not a stock images kwarg: route it explicitly (transformers 4.x would drop it with a warning)
+            images_kwargs = dict(kwargs.get("images_kwargs") or {})
+            images_kwargs.setdefault("do_pad_to_square", kwargs.pop("do_pad_to_square"))
+            kwargs["images_kwargs"] = images_kwargs
+
         if text is None:
             # images only: just the image processor output
-            image_kwargs = {k: v for k, v in kwargs.items() if k not in ("padding", "truncation", "max_length")}
+            image_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+            for key in ("return_tensors", "do_pad_to_square"):
+                if key in kwargs:
+                    image_kwargs.setdefault(key, kwargs.pop(key))
+            for key, value in kwargs.items():
+                if key not in ("padding", "truncation", "max_length", "text_kwargs", "common_kwargs"):
+                    image_kwargs.setdefault(key, value)
             return self.image_processor(flat_images, **image_kwargs)
 
         if isinstance(text, str):

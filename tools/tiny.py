@@ -119,3 +119,26 @@ def tiny_inputs(batch_prompts=((5, 6, 7),), num_images=None, seed: int = 0, imag
         attention_mask[i, width - len(row) :] = 1
     pixel_values = torch.randn(len(rows), 3, 32, 32, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def tiny_tokenizer(vocab_size: int = 120, with_image_token: bool = False):
+    """
+    A word-level tokenizer built locally: `<unk>`=0, `<s>`=1, `</s>`=2, words `w3`..`w{vocab_size-1}` (Llama's
+    special ids). Adds BOS like Vicuna's. With `with_image_token`, `<image>` and `<pad>` are appended (llava-hf).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
+    if with_image_token:
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
