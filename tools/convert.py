@@ -29,6 +29,7 @@ from .hub_folder import (
     add_auto_map,
     atomic_output_dir,
     hub_key,
+    set_dtype_field,
     write_code_files,
     write_model_config,
 )
@@ -379,7 +380,7 @@ def convert_original_checkpoint(
             raise ConversionError("the checkpoint does not match the config; " + "; ".join(problems))
         writer.finish()
 
-        config.torch_dtype = str(target_dtype or first_dtype).replace("torch.", "")
+        set_dtype_field(config, target_dtype or first_dtype)
         write_model_config(config, tmp)
         write_code_files(tmp)
         _write_generation_config(original, source, config, tmp)

@@ -173,9 +173,41 @@ def write_processor_files(image_processor, tokenizer, config, folder: Path) -> N
     )
     processor.save_pretrained(folder)
     folder = Path(folder)
+    _normalize_processor_files(folder)
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.exists():
         add_auto_map(preprocessor, IMAGE_PROCESSOR_AUTO_MAP)
     for name in ("processor_config.json", "tokenizer_config.json"):
         if (folder / name).exists():
             add_auto_map(folder / name, PROCESSOR_AUTO_MAP)
+
+
+def _normalize_processor_files(folder: Path) -> None:
+    """Make files written by transformers 5.x readable by 4.57 too: the image processor in its own
+    preprocessor_config.json, and a tokenizer class 4.57 knows."""
+    processor_config = folder / "processor_config.json"
+    if processor_config.exists():
+        data = json.loads(processor_config.read_text())
+        nested = data.pop("image_processor", None)
+        if isinstance(nested, dict):
+            nested.setdefault("processor_class", data.get("processor_class", "DynamicLlavaProcessor"))
+            (folder / "preprocessor_config.json").write_text(json.dumps(nested, indent=2, sort_keys=True) + "\n")
+            processor_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        data = json.loads(tokenizer_config.read_text())
+        if data.get("tokenizer_class") in ("TokenizersBackend", None):
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def set_dtype_field(config, dtype) -> None:
+    """config.json's dtype entry: `dtype` in transformers 5.x, `torch_dtype` in 4.57."""
+    name = str(dtype).replace("torch.", "")
+    if hasattr(type(config), "dtype") or "dtype" in getattr(config, "__dataclass_fields__", {}):
+        try:
+            config.dtype = name
+            return
+        except AttributeError:
+            pass
+    config.torch_dtype = name

@@ -1,0 +1,129 @@
+"""Export a tiny model and load it like a Hub user: a fresh process where this project is not importable."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from dynamic_llava.processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
+from dynamic_llava.tools.export import export_model
+from dynamic_llava.tools.hub_folder import OutputExistsError
+from dynamic_llava.tools.tiny import tiny_model, tiny_tokenizer
+
+SCRIPT = Path(__file__).with_name("hub_load_script.py")
+
+
+def tiny_processor():
+    tokenizer = tiny_tokenizer(127)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)  # id 127 = the tiny model's image token
+    tokenizer.pad_token = "<unk>"
+    tokenizer.padding_side = "left"
+    image_processor = DynamicLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    work = tmp_path_factory.mktemp("hub")
+    model, processor = tiny_model(4), tiny_processor()
+    folder = export_model(model, work / "repo", processor=processor)
+    images = []
+    for i, size in enumerate([(40, 24), (20, 36)]):
+        path = work / f"image{i}.png"
+        Image.effect_noise(size, 60 + 30 * i).convert("RGB").save(path)
+        images.append(str(path))
+    return model, processor, folder, images
+
+
+def test_exported_folder_is_what_a_hub_repo_holds(exported):
+    _, _, folder, _ = exported
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_dynamic_llava.py", "configuration_dynamic_llava.py",
+            "sparse_cache.py", "processing_dynamic_llava.py", "image_processing_dynamic_llava.py",
+            "preprocessor_config.json", "tokenizer_config.json", "generation_config.json", "README.md",
+            "example.ipynb"} <= names  # fmt: skip
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
+    assert "AutoModelForVision2Seq" in config["auto_map"] and "AutoConfig" in config["auto_map"]
+    card = (folder / "README.md").read_text()
+    assert "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card
+
+
+def test_fresh_process_without_the_project_matches_in_process(exported):
+    model, processor, folder, images = exported
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(folder.parent / "modules"))
+    repo_root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(folder), ",".join(images), repo_root.name],
+        capture_output=True, text=True, env=env, cwd=str(folder.parent), timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.split("RESULT ", 1)[1])
+    assert all(module.startswith("transformers_modules") for module in result["classes"]), result["classes"]
+    assert result["cache_class"] == "DynamicLlavaCache"
+    if "vision2seq_class" in result:
+        assert result["vision2seq_class"] == "DynamicLlavaForConditionalGeneration"
+
+    # the same in this process, with the package's own classes
+    pil = [Image.open(p) for p in images]
+    inputs = processor(images=pil[0], text="<image>\nw5 w6 w7", return_tensors="pt")
+    ours = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert result["generate_ids"] == ours[0, inputs["input_ids"].shape[1] :].tolist()
+    assert len(result["kept_vision"]) == 4
+
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    messages = [[{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "w5 w6 w7"}]}]
+                for im in pil]  # fmt: skip
+    one = pipe(text=messages[0], max_new_tokens=8, return_full_text=False)[0]["generated_text"]
+    assert result["pipeline_one"] == one and one.strip()
+    both = [pipe(text=m, max_new_tokens=8, return_full_text=False)[0]["generated_text"] for m in messages]
+    assert result["pipeline_batch"] == both
+    assert result["streamed"].strip() == one.strip()
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_nothing_behind(exported, tmp_path):
+    model, processor, _, _ = exported
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "mine.txt").write_text("user data")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_model(model, target, processor=processor)
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    export_model(model, target, processor=processor, overwrite=True)
+    assert (target / "config.json").exists() and not (target / "mine.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_export_failure_leaves_no_partial_folder(exported, tmp_path, monkeypatch):
+    model, processor, _, _ = exported
+    import dynamic_llava.tools.export as export_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "write_model_card", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(model, tmp_path / "out", processor=processor)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sharded_export_loads_back(exported, tmp_path):
+    model, processor, _, _ = exported
+    folder = export_model(model, tmp_path / "sharded", processor=processor, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    from dynamic_llava import DynamicLlavaForConditionalGeneration
+
+    loaded, info = DynamicLlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
