@@ -133,3 +133,123 @@ def test_parity_with_original_multiround(converted):
     assert rounds[1] == outputs["s0.multiround.generated_ids_round2"].tolist()
     assert torch.equal(torch.stack(lengths), outputs["s0.multiround.cache_lengths_per_step"])
     close(torch.stack(last_logits), outputs["s0.multiround.step_logits"], "multiround step_logits")
+
+
+# ---- synthetic original-layout checkpoints --------------------------------------------------------------------------
+
+from dynamic_llava.tools.synthetic import write_original_checkpoint  # noqa: E402
+
+
+@pytest.mark.parametrize("shards, tower_copy", [(1, True), (1, False), (3, True), (2, False)])
+def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, capsys):
+    src = write_original_checkpoint(tmp_path / "src", shards=shards, with_tower_copy=tower_copy,
+                                    extra_sparse={"maskclip_new_thing": 3, "future_knob": "x"})  # fmt: skip
+    out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
+    assert "future_knob" in capsys.readouterr().err  # unknown sparse_config keys are reported, not fatal
+    model, info = DynamicLlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True, dtype="auto")
+    assert not any(info.values()), info
+    assert model.dtype == torch.float16  # the source's dtype
+    original = {}
+    for file in sorted(src.glob("*.safetensors")):
+        original.update(load_file(file))
+    state = model.state_dict()
+    assert torch.equal(state["model.language_model.layers.1.mlp.up_proj.weight"],
+                       original["model.layers.1.mlp.up_proj.weight"])  # fmt: skip
+    assert torch.equal(state["model.multi_modal_projector.linear_2.bias"], original["model.mm_projector.2.bias"])
+    assert torch.equal(state["output_text_score_predictor.output_mlp.7.weight"],
+                       original["model.output_text_score_predictor.output_mlp.7.weight"])  # fmt: skip
+    # <image> and <pad> appended like llava-hf, vocabulary padded to a multiple of 64 with the mean row
+    config = model.config
+    assert (config.image_token_id, config.text_config.vocab_size) == (120, 128)
+    embed = state["model.language_model.embed_tokens.weight"]
+    assert torch.equal(embed[:120], original["model.embed_tokens.weight"])
+    assert torch.allclose(embed[120:], original["model.embed_tokens.weight"].float().mean(0).half().expand(8, -1))
+    assert (config.sparse_layer, config.vision_keep_rate, config.predictor_d_model) == (2, 0.25, 16)
+    # the tower comes from mm_vision_tower, not from the copy inside the checkpoint
+    tower = load_file(src / "vision_tower" / "model.safetensors")
+    key = "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    ours = {k: v for k, v in state.items() if "vision_tower" in k}
+    got = ours.get(key, ours.get(key.replace("vision_model.", "")))
+    assert torch.equal(got, tower["vision_model.encoder.layers.0.mlp.fc1.weight"].half())
+    # the processor came along with the tokenizer, and the converted folder generates
+    from dynamic_llava.tools.export import load_processor
+
+    processor = load_processor(out)
+    inputs = processor(images=torch.zeros(3, 40, 30, dtype=torch.uint8), text="<image>\nw5 w6", return_tensors="pt")
+    assert inputs["input_ids"].shape[1] == 1 + 16 + 2  # BOS, the image, two words
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    assert model.generate(**inputs, max_new_tokens=3).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_convert_without_tokenizer_says_so(tmp_path, capsys):
+    src = write_original_checkpoint(tmp_path / "src", tokenizer=False)
+    out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
+    assert "no tokenizer" in capsys.readouterr().err
+    assert (out / "model.safetensors").exists() and not (out / "tokenizer_config.json").exists()
+    assert "no tokenizer" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("missing", "missing keys: \\['model.language_model.layers.3.mlp.down_proj.weight'\\]"),
+        ("unexpected", "unexpected keys .*model.extra_head.weight"),
+        ("not_llava", "not an original LLaVA-layout config"),
+        ("instruct", "use_instruct_predictor"),
+        ("bad_sparse", "sparse_layer"),
+    ],
+)
+def test_convert_errors_name_the_problem(tmp_path, change, message):
+    src = write_original_checkpoint(tmp_path / "src", with_tower_copy=False)
+    if change in ("missing", "unexpected"):
+        tensors = load_file(src / "model.safetensors")
+        if change == "missing":
+            del tensors["model.layers.3.mlp.down_proj.weight"]
+        else:
+            tensors["model.extra_head.weight"] = torch.zeros(2, 2)
+        save_file(tensors, str(src / "model.safetensors"))
+    else:
+        config = json.loads((src / "config.json").read_text())
+        if change == "not_llava":
+            config["model_type"] = "llama"
+            del config["mm_vision_tower"]
+        elif change == "instruct":
+            config["sparse_config"]["use_instruct_predictor"] = True
+        else:
+            config["sparse_config"]["sparse_layer"] = 9
+        (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=message):
+        convert_original_checkpoint(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # nothing half-written
+
+
+def test_pickle_is_refused_unless_allowed_then_read_weights_only(tmp_path, monkeypatch):
+    src = write_original_checkpoint(tmp_path / "src", pickle=True, with_tower_copy=False)
+    with pytest.raises(ConversionError, match="--allow-pickle"):
+        convert_original_checkpoint(str(src), str(tmp_path / "out"))
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    out = convert_original_checkpoint(str(src), str(tmp_path / "out"), allow_pickle=True)
+    assert calls and all(flag is True for flag in calls)
+    assert not list(out.glob("*.bin"))
+
+
+def test_convert_cli_and_missing_source(tmp_path, capsys):
+    from dynamic_llava.tools.cli import main
+
+    src = write_original_checkpoint(tmp_path / "src")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "bfloat16", "--max-shard-size", "30KB"]) == 0
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "neither an existing folder nor a Hub repository id" in err and "Traceback" not in err
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2  # non-empty target, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err

@@ -38,6 +38,112 @@ def _demo(args) -> int:
     return 0
 
 
+def _dtype(name):
+    import torch
+
+    table = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"--dtype {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as is; a Hub id downloaded with huggingface_hub (its progress bars). One-line errors."""
+    from pathlib import Path
+
+    if Path(model).expanduser().exists():
+        return str(Path(model).expanduser())
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model {model!r} is neither an existing folder nor a Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(model)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"Hub repository {model} was not found (or is private: run `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"cannot download {model}: offline and not in the local cache") from None
+    except OSError as error:
+        raise OSError(f"cannot download {model}: {type(error).__name__}: {error}") from None
+
+
+def _generate(args) -> int:
+    import torch
+
+    from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from .export import load_processor
+
+    if args.model is None:
+        raise ValueError("--model is required (no trained model ships inside the package yet): a folder or Hub id")
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("--prompt is empty; ask a question about the image")
+    from pathlib import Path
+
+    if not args.image.startswith(("http://", "https://")) and not Path(args.image).expanduser().is_file():
+        raise FileNotFoundError(f"image {args.image!r} does not exist; pass an image file path or an http(s) URL")
+    folder = resolve_model(args.model)
+    kwargs = {"dtype": _dtype(args.dtype)}
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    if args.load_in_4bit or args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    if args.no_sparsity:
+        kwargs.update(use_vision_predictor=False, use_output_text_predictor=False)
+    processor = load_processor(folder)
+    if processor is None:
+        raise ValueError(f"{args.model} has no tokenizer; convert it with --tokenizer to add one")
+    model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=args.image, text=prompt, return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(answer.strip())
+    print(summary_line(cache, model.config))
+    return 0
+
+
+def summary_line(cache, config) -> str:
+    report = cache.sparsity_report()
+    vision = report["vision_tokens_kept"][0]
+    kept_v = f"{sum(vision)}/{config.image_seq_length * len(vision)}" if vision else "no image"
+    scored = report["output_text_scored"][0]
+    kept_t = f"{report['output_text_kept'][0]}/{scored}" if scored else "0/0"
+    ratio = report["kv_bytes_ratio"]
+    return (
+        f"[sparsity] vision tokens kept {kept_v}; generated tokens kept {kept_t}; KV cache "
+        f"{report['stored_bytes']:,} bytes vs dense {report['dense_bytes']:,}"
+        + (f" ({ratio:.1%})" if ratio is not None else "")
+    )
+
+
+def _convert(args) -> int:
+    from .convert import convert_original_checkpoint
+
+    convert_original_checkpoint(
+        args.src, args.out, vision_tower=args.vision_tower, tokenizer=args.tokenizer, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub, allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite, verify=not args.no_verify,
+    )  # fmt: skip
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_model
+
+    export_model(args.model_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                 dtype=None if args.dtype == "auto" else _dtype(args.dtype))  # fmt: skip
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--json", action="store_true", help="also print the sparsity report as JSON")
     demo.set_defaults(func=_demo)
+
+    gen = sub.add_parser("generate", help="answer a question about an image and print what was kept")
+    gen.add_argument("--model", help="folder or Hub id of a converted/exported Dynamic-LLaVA")
+    gen.add_argument("--image", required=True, help="image path or URL")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--device-map", default=None, help='e.g. "auto"')
+    gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    quant = gen.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true")
+    quant.add_argument("--load-in-8bit", action="store_true")
+    gen.add_argument("--no-sparsity", action="store_true", help="turn both predictors off (stock LLaVA compute)")
+    gen.set_defaults(func=_generate)
+
+    conv = sub.add_parser("convert", help="convert an original Dynamic-LLaVA checkpoint (Hub id or folder)")
+    conv.add_argument("src")
+    conv.add_argument("out")
+    conv.add_argument("--vision-tower", help="CLIP tower folder or Hub id (default: the config's mm_vision_tower)")
+    conv.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the source's, if any)")
+    conv.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default: the source's)")
+    conv.add_argument("--max-shard-size", default="5GB")
+    conv.add_argument("--push-to-hub", metavar="REPO")
+    conv.add_argument("--allow-pickle", action="store_true", help="accept .bin weights (read with weights_only=True)")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--no-verify", action="store_true", help="skip loading the result and running one forward")
+    conv.set_defaults(func=_convert)
+
+    exp = sub.add_parser("export", help="write a Hub-ready folder from a saved Dynamic-LLaVA folder")
+    exp.add_argument("model_dir")
+    exp.add_argument("out_dir")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--max-shard-size", default="5GB")
+    exp.add_argument("--dtype", default="auto")
+    exp.set_defaults(func=_export)
     return parser
 
 

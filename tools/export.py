@@ -19,13 +19,12 @@ from .hub_folder import (
 )
 from .model_card import write_model_card
 
-__all__ = ["export_model", "load_local"]
+__all__ = ["export_model", "load_local", "load_processor"]
 
 
 def load_local(model_dir: str, dtype: Optional[torch.dtype] = None):
     """Model and (if present) processor of a folder, with this package's classes."""
     from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
-    from ..processor import DynamicLlavaProcessor
 
     folder = Path(model_dir)
     if not (folder / "config.json").exists():
@@ -37,10 +36,31 @@ def load_local(model_dir: str, dtype: Optional[torch.dtype] = None):
             "converted with `dynamic-llava convert`."
         )
     model = DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or "auto")
-    processor = None
-    if (folder / "tokenizer_config.json").exists():
-        processor = DynamicLlavaProcessor.from_pretrained(str(folder))
-    return model, processor
+    return model, load_processor(folder)
+
+
+def load_processor(folder):
+    """The processor of a folder with this package's classes (no remote code runs), or None without a tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
+
+    folder = Path(folder)
+    if not (folder / "tokenizer_config.json").exists():
+        return None
+    settings = {}
+    if (folder / "processor_config.json").exists():
+        data = json.loads((folder / "processor_config.json").read_text())
+        keys = ("patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")
+        settings = {k: data[k] for k in keys if k in data}
+    template = folder / "chat_template.jinja"
+    if template.exists():
+        settings["chat_template"] = template.read_text()
+    return DynamicLlavaProcessor(
+        image_processor=DynamicLlavaImageProcessor.from_pretrained(str(folder)),
+        tokenizer=AutoTokenizer.from_pretrained(str(folder)),
+        **settings,
+    )
 
 
 def export_model(
