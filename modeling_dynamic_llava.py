@@ -523,8 +523,10 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 "Let the processor expand <image>; do not cut prompts inside an image."
             )
         kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        tower = self.model.vision_tower
+        tower_dtype = tower.dtype if tower.dtype.is_floating_point else pixel_values.dtype  # (quantized towers)
         out = self.model.get_image_features(
-            pixel_values=pixel_values,
+            pixel_values=pixel_values.to(tower_dtype),
             vision_feature_layer=feature_layer if feature_layer is not None else self.config.vision_feature_layer,
             vision_feature_select_strategy=select_strategy
             if select_strategy is not None

@@ -125,8 +125,6 @@ print({k: report[k] for k in ("vision_tokens_kept", "output_text_kept", "output_
                               "stored_bytes", "dense_bytes", "kv_bytes_ratio")})
 """),
         _cell("code", """
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 kept = cache.kept_vision_indices[0]
@@ -145,6 +143,8 @@ fig.savefig("kept_patches.png", dpi=80)
 plt.show()
 """),
     ]
+    for i, cell in enumerate(cells):
+        cell["id"] = f"cell-{i}"
     notebook = {
         "cells": cells,
         "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},

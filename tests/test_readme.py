@@ -1,0 +1,43 @@
+"""The README quickstart is what this test runs: on a tiny exported model, in a process without the project."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from dynamic_llava.tools.export import export_model
+from dynamic_llava.tools.tiny import tiny_model
+
+from test_hub import tiny_processor
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def quickstart_code() -> str:
+    text = README.read_text()
+    block = re.search(r"<!-- quickstart -->\s*```python\n(.*?)```\s*<!-- /quickstart -->", text, re.S)
+    assert block, "README.md has no quickstart block"
+    return block.group(1)
+
+
+def test_readme_quickstart_runs_as_written(tmp_path):
+    folder = export_model(tiny_model(5), tmp_path / "repo", processor=tiny_processor())
+    image = tmp_path / "photo.png"
+    Image.effect_noise((48, 30), 50).convert("RGB").save(image)
+    code = quickstart_code()
+    code, n_repo = re.subn(r'^repo = ".*?"', f"repo = {str(folder)!r}", code, flags=re.M)
+    code, n_image = re.subn(r'^image = ".*?"', f"image = {str(image)!r}", code, flags=re.M)
+    assert n_repo == n_image == 1
+    code = code.replace('"What is shown in this image?"', '"w5 w6 w7"')  # the tiny tokenizer's words
+    script = tmp_path / "quickstart.py"
+    script.write_text("import sys\nsys.modules['dynamic_llava'] = None\n" + code)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "'vision_tokens_kept': [[4]]" in run.stdout
+    assert "generated_text" in run.stdout
