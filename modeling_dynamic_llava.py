@@ -397,13 +397,18 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             else torch.ones(batch, q, dtype=torch.bool, device=device)
         )
 
+        if cache is not None and use_cache:
+            cache.observe_tokens(token_valid)
+
         # 1. dense layers 0..l-1: every token, stock causal mask, stock cache layers
         hidden = inputs_embeds
         dense_mask = self._dense_mask(lm, inputs_embeds, attention_mask, position_ids, cache, past_length)
         rope = lm.rotary_emb(hidden, position_ids)
         for layer in lm.layers[:sparse_layer]:
             hidden = layer(hidden, **self._layer_kwargs(dense_mask, position_ids, rope, cache, use_cache, past_length))
-        if sparse_layer == num_layers:
+        if sparse_layer == num_layers:  # sparsification off: stock compute; the cache still reports the images
+            if cache is not None and use_cache and image_token_mask is not None and bool(image_token_mask.any()):
+                cache.record_vision(self._split_per_row(image_token_mask, None))
             return lm.norm(hidden), None, None
 
         # 2. score the chunk at layer l and decide what is stored and what is computed further
@@ -425,7 +430,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cache is not None:
             stored = cache.stored_positions()
             if use_cache:
-                cache.stage_sparse_chunk(token_valid, store, positions)
+                cache.stage_sparse_chunk(store, positions, q)
                 if selection.kept_vision_indices is not None:
                     cache.record_vision(selection.kept_vision_indices)
                 if selection.output_text_keep is not None:
@@ -454,12 +459,8 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 image_keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, kept, True)
                 store[image_mask] = store[image_mask] & image_keep.reshape(-1)
             else:
-                kept = torch.arange(num_tokens, device=hidden.device).expand(image_hidden.shape[0], -1)
-            images_per_row = (image_mask.sum(-1) // num_tokens).tolist()
-            kept_vision, start = [], 0
-            for n in images_per_row:
-                kept_vision.append(list(kept[start : start + n].unbind(0)))
-                start += n
+                kept = None
+            kept_vision = self._split_per_row(image_mask, kept)
 
         output_text_keep = None
         if config.use_output_text_predictor:
@@ -478,6 +479,18 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         compute = store.clone()
         compute[:, -1] = True  # the current token always computes
         return _Selection(store, compute, kept_vision, output_text_keep)
+
+    def _split_per_row(self, image_mask: torch.Tensor, kept: Optional[torch.Tensor]) -> list:
+        """`kept` `[images, k]` (None: all tokens kept) -> per row, a list with one LongTensor per image."""
+        num_tokens = self._tokens_per_image()
+        images_per_row = (image_mask.sum(-1) // num_tokens).tolist()
+        if kept is None:
+            kept = torch.arange(num_tokens, device=image_mask.device).expand(sum(images_per_row), -1)
+        rows, start = [], 0
+        for n in images_per_row:
+            rows.append(list(kept[start : start + n].unbind(0)))
+            start += n
+        return rows
 
     @staticmethod
     def _run_predictor(predictor, hidden):

@@ -216,19 +216,22 @@ class DynamicLlavaCache(Cache):
             return None
         return self.sparse_layers[0].positions
 
-    def stage_sparse_chunk(self, token_valid: torch.Tensor, store: torch.Tensor, positions: torch.Tensor) -> None:
+    def observe_tokens(self, token_valid: torch.Tensor) -> None:
+        """Called once per forward: `[batch, q]` bool, the non-padding tokens of this call (all layers store them)."""
+        real = token_valid.sum(-1)
+        self._real_tokens = real if self._real_tokens is None else self._real_tokens + real.to(self._real_tokens)
+
+    def stage_sparse_chunk(self, store: torch.Tensor, positions: torch.Tensor, num_new_tokens: int) -> None:
         """
         Called once per forward, before the sparse layers run.
 
         Args:
-            token_valid: `[batch, q]` bool, the non-padding tokens of the logical chunk (all layers).
             store: `[batch, q']` bool, which tokens of the chunk the sparse layers compute are stored.
             positions: `[batch, q']` long, their original positions.
+            num_new_tokens: q, the logical length of this call's chunk.
         """
-        real = token_valid.sum(-1)
-        self._real_tokens = real if self._real_tokens is None else self._real_tokens + real.to(self._real_tokens)
         for layer in self.sparse_layers:
-            layer.stage(store, positions, token_valid.shape[-1])
+            layer.stage(store, positions, num_new_tokens)
 
     def record_vision(self, kept: list[list[torch.Tensor]]) -> None:
         """Per row, the kept indices of each image seen in this call."""

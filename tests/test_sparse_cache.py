@@ -110,8 +110,9 @@ def test_cache_bytes_and_lengths_for_a_known_pattern():
     valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
     store = torch.tensor([[False, True, False, True], [True, False, False, True]])
     pos = torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]])
+    cache.observe_tokens(valid)
     cache.update(k, k, 0)
-    cache.stage_sparse_chunk(valid, store, pos)
+    cache.stage_sparse_chunk(store, pos, 4)
     for i in (1, 2):
         cache.update(k, k, i)
     assert cache.kept_lengths().tolist() == [[3, 4], [2, 2], [2, 2]]

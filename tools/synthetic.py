@@ -18,9 +18,12 @@ ORIGINAL_SPARSE_CONFIG = {
 }  # fmt: skip
 
 
-def _tensors(shapes: dict, dtype, seed: int):
+def _tensors(shapes: dict, dtype, seed: int, random: bool = True):
     generator = torch.Generator().manual_seed(seed)
     for name, shape in shapes.items():
+        if not random:
+            yield name, torch.zeros(shape, dtype=dtype)
+            continue
         if name.endswith(("norm.weight", "layernorm.weight", "norm1.weight", "norm2.weight", "layer_norm1.weight",
                           "layer_norm2.weight", "pre_layrnorm.weight", "post_layernorm.weight", "down_mlp.0.weight",
                           "output_mlp.0.weight")) and len(shape) == 1:  # fmt: skip
@@ -109,9 +112,12 @@ def write_original_checkpoint(
     dtype=torch.float16,
     shapes: Optional[dict] = None,
     config_overrides: Optional[dict] = None,
+    heads: int = 4,
     tower: str = "vision_tower",
     seed: int = 0,
     pickle: bool = False,
+    random: bool = True,
+    tower_kwargs: Optional[dict] = None,
 ) -> Path:
     """
     Write a tiny (or, with `shapes`/`config_overrides`, any size) checkpoint in the original layout: config.json
@@ -122,18 +128,23 @@ def write_original_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     shapes = dict(shapes or original_shapes())
     if with_tower_copy:
-        shapes.update(tower_shapes(prefix="model.vision_tower.vision_tower.vision_model."))
+        shapes.update(tower_shapes(prefix="model.vision_tower.vision_tower.vision_model.", **_tower_shape_args(tower_kwargs)))
     hidden = shapes["model.norm.weight"][0]
+    kv_heads = heads * shapes["model.layers.0.self_attn.k_proj.weight"][0] // hidden
     vocab = shapes["model.embed_tokens.weight"][0]
     layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers."))
     sparse = dict(ORIGINAL_SPARSE_CONFIG, **(extra_sparse or {}))
+    if "model.image_score_predictor.down_mlp.1.weight" in shapes:  # the predictor sizes follow the shapes
+        d = shapes["model.image_score_predictor.down_mlp.1.weight"][0]
+        blocks = [k for k in shapes if k.startswith("model.image_score_predictor.transformer.") and k.endswith("fc1.weight")]
+        sparse.update(d_model=d, num_layers=len(blocks), dim_feedforward=shapes[blocks[0]][0] if blocks else 4 * d)
     config = {
         "architectures": ["DynamicLlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_size": hidden,
         "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0], "num_hidden_layers": layers,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False,
         "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
-        "mm_vision_tower": tower, "mm_hidden_size": 16, "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_tower": tower, "mm_hidden_size": (tower_kwargs or {}).get("hidden", 16), "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_patch_token": False,
         "mm_use_im_start_end": False, "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad",
         "tokenizer_padding_side": "right", "tokenizer_model_max_length": 2048, "sparse_config": sparse,
@@ -147,7 +158,7 @@ def write_original_checkpoint(
     generator_seed = seed
     for s in range(shards):
         part = {name: shapes[name] for name in names[s * per_shard : (s + 1) * per_shard]}
-        tensors = dict(_tensors(part, dtype, generator_seed + s))
+        tensors = dict(_tensors(part, dtype, generator_seed + s, random))
         file = "pytorch_model.bin" if pickle else (
             "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         )  # fmt: skip
@@ -160,9 +171,25 @@ def write_original_checkpoint(
     if shards > 1 and not pickle:
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    write_tower(folder / tower)
+    write_tower(folder / tower, **(tower_kwargs or {}))
     if tokenizer:
         from .tiny import tiny_tokenizer
 
         tiny_tokenizer(vocab).save_pretrained(folder)
     return folder
+
+
+def _tower_shape_args(tower_kwargs: Optional[dict]) -> dict:
+    kwargs = dict(tower_kwargs or {})
+    kwargs.pop("heads", None)
+    kwargs.pop("seed", None)
+    return kwargs
+
+
+def write_7b_shaped_checkpoint(folder: Path, shards: int = 3) -> Path:
+    """The LLaVA-1.5-7B / Dynamic-LLaVA-7B shapes (Vicuna-7B, CLIP ViT-L/14-336, predictors d=512), zeros, fp16."""
+    shapes = original_shapes(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
+                             tower_hidden=1024, d=512, nhead=8, ff=2048, predictor_layers=2)  # fmt: skip
+    tower = dict(hidden=1024, intermediate=4096, layers=24, heads=16, image_size=336, patch=14)
+    return write_original_checkpoint(folder, shards=shards, shapes=shapes, heads=32, random=False, tokenizer=False,
+                                     tower_kwargs=tower, extra_sparse={"nhead": 8})  # fmt: skip
