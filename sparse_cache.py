@@ -152,8 +152,14 @@ class SparseLayer(DynamicLayer):
         )
 
     def _select(self, fn) -> None:
+        """Apply a batch selection; storage then shrinks to the new max kept (rows may have been dropped)."""
         if self.is_initialized:
             self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
+            width = int(self.kept_length().max()) if self.positions.shape[0] else 0
+            if width < self.positions.shape[-1]:
+                self.keys = self.keys[..., :width, :].contiguous()
+                self.values = self.values[..., :width, :].contiguous()
+                self.positions = self.positions[:, :width].contiguous()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -53,7 +53,7 @@ chunk_strategy = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 4),
     chunks=st.lists(chunk_strategy, min_size=1, max_size=6),

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from .hub_folder import (
@@ -121,9 +120,41 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Te
                 yield key, (lambda t=state[key]: t)
             del state
             continue
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                yield key, (lambda k=key, h=handle: h.get_tensor(k))
+        yield from _stream_safetensors(file)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _stream_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """
+    Read a safetensors file tensor by tensor with plain reads (no mmap), so only the tensor being converted is in
+    memory: a memory map would keep every page read so far resident until the whole file is closed.
+    """
+    with open(file, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ConversionError(f"{file.name}: tensor {key} has dtype {info['dtype']}, not supported here.")
+
+            def load(info=info):
+                start, end = info["data_offsets"]
+                handle.seek(base + start)
+                buffer = bytearray(end - start)
+                handle.readinto(buffer)
+                tensor = torch.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[info["dtype"]]) if buffer else None
+                shape = info["shape"]
+                if tensor is None:
+                    return torch.empty(shape, dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                return tensor.reshape(shape)
+
+            yield key, load
 
 
 # ---- keys ------------------------------------------------------------------------------------------------------------
@@ -453,14 +484,14 @@ def verify_folder(folder: Path) -> None:
         offload = tempfile.TemporaryDirectory(prefix="dynamic-llava-verify-")
         kwargs = dict(device_map="auto", offload_folder=offload.name, max_memory={"cpu": int(0.4 * available)})
     try:
-        model = DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+        model = DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), dtype="auto", **kwargs)
         config = model.config
         tokens = config.image_seq_length
         bos = config.text_config.bos_token_id or 1
         ids = torch.tensor([[bos] + [config.image_token_id] * tokens + [bos]])
         side = config.vision_config.image_size
         with torch.no_grad():
-            out = model(input_ids=ids, pixel_values=torch.zeros(1, 3, side, side))
+            out = model(input_ids=ids, pixel_values=torch.zeros(1, 3, side, side, dtype=model.dtype))
         if not torch.isfinite(out.logits).all():
             raise ConversionError("verification forward produced non-finite logits")
         log(f"verified: loaded and ran one forward ({out.logits.shape[1]} of {ids.shape[1]} positions computed)")
