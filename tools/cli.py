@@ -144,6 +144,19 @@ def _export(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run_bench
+
+    if args.model and args.preset:
+        raise ValueError("pass --model or --preset, not both")
+    run_bench(
+        model=args.model, preset=args.preset or "llava15-cpu", batch_size=args.batch_size,
+        new_tokens=args.new_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats, out=args.out,
+        throughput_tokens=args.throughput_tokens,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true")
     conv.add_argument("--no-verify", action="store_true", help="skip loading the result and running one forward")
     conv.set_defaults(func=_convert)
+
+    bench = sub.add_parser("bench", help="measure ours vs stock LLaVA on the same weights (ratios, one run)")
+    bench.add_argument("--model", help="a Dynamic-LLaVA folder (default: a random model of --preset)")
+    bench.add_argument("--preset", choices=["llava15-cpu", "llava15-7b"], help="default llava15-cpu")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--new-tokens", type=int, default=512)
+    bench.add_argument("--throughput-tokens", type=int, default=64, help="new tokens of the batch-1/8 throughput runs")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", default=None, help="folder for results.json and the plots")
+    bench.set_defaults(func=_bench)
 
     exp = sub.add_parser("export", help="write a Hub-ready folder from a saved Dynamic-LLaVA folder")
     exp.add_argument("model_dir")
