@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
-from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..modeling_dynamic_llava import CACHE_KEY, DynamicLlavaForConditionalGeneration
 from .stock import sparsity_disabled, stock_llava
 
 PRESETS = {
@@ -82,7 +82,7 @@ def bench_inputs(model, batch_size: int, seed: int = 0) -> dict:
     before, after = 36, PROMPT_TEXT_TOKENS - 36
     rows = []
     for _ in range(batch_size):
-        text = torch.randint(3, IMAGE_TOKEN_ID, (before + after,), generator=g)
+        text = torch.randint(3, min(config.image_token_id, config.text_config.vocab_size), (before + after,), generator=g)
         rows.append(torch.cat([torch.tensor([1]), text[:before], torch.full((n_image,), config.image_token_id),
                                text[before:]]))  # fmt: skip
     side = config.vision_config.image_size
@@ -113,8 +113,25 @@ def cache_of(out):
 
 
 @contextlib.contextmanager
+def eager_attention(model):
+    """Attention as plain matmuls while counting: FlopCounterMode does not count CPU sdpa kernels."""
+    configs = [model.config, model.config.text_config, model.config.vision_config]
+    saved = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl
+
+
+@contextlib.contextmanager
 def per_layer_flops(model):
-    """Count FLOPs of a forward, split per decoder layer / predictor / rest. Yields a dict filled on exit."""
+    """
+    Count FLOPs of a forward, split per decoder layer / predictor / rest (attention counted as eager matmuls:
+    4 * heads * T * K * head_dim per layer, whatever the mask). Yields a dict filled on exit.
+    """
     lm = model.model.language_model
     result = {"layers": [0] * len(lm.layers), "predictors": 0, "total": 0}
     counter = FlopCounterMode(display=False)
@@ -146,7 +163,7 @@ def per_layer_flops(model):
             handles.append(module.register_forward_pre_hook(pre(name)))
             handles.append(module.register_forward_hook(post(name, "predictors")))
     try:
-        with counter:
+        with counter, eager_attention(model):
             yield result
     finally:
         for handle in handles:
@@ -165,7 +182,8 @@ def layer_flops(stock, tokens: int, keys: Optional[int] = None) -> int:
     positions = torch.arange(tokens, device=stock.device)[None]
     rope = lm.rotary_emb(hidden, positions)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    mask = torch.zeros(mask.shape, dtype=stock.dtype, device=stock.device)  # eager: an additive float mask
+    with counter, torch.no_grad(), eager_attention(stock):
         if keys > tokens:  # attention over a past: emulate it with a key/value prefix through a plain cache
             from transformers import DynamicCache
 
@@ -175,7 +193,7 @@ def layer_flops(stock, tokens: int, keys: Optional[int] = None) -> int:
             past = torch.zeros(1, heads, keys - tokens, dim, dtype=stock.dtype, device=stock.device)
             cache.update(past, past, 0)
             counter_base = counter.get_total_flops()
-            kw = {"cache" if "cache" in layer.forward.__code__.co_varnames else "past_key_values": cache}
+            kw = {CACHE_KEY: cache}
             layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope, use_cache=True, **kw)
             return counter.get_total_flops() - counter_base
         layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
