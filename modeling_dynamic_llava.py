@@ -202,6 +202,12 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     # generate() must not make a DynamicCache for us (4.57), and assisted decoding (needs crop) is refused
     _is_stateful = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer", "ImageScorePredictor", "OutputTextScorePredictor"]
+    # The predictors stay in float32 under float16/bfloat16 loads and out of bitsandbytes quantization: they are
+    # tiny, and their top-k / threshold decisions are cut at margins that half precision can flip (the original
+    # ran them in fp16). Their input is cast to their dtype (_run_predictor).
+    _keep_in_fp32_modules = ["image_score_predictor", "output_text_score_predictor"]
+    _keep_in_fp32_modules_strict = ["image_score_predictor", "output_text_score_predictor"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     if IS_V5:
         from transformers.generation.utils import GenerationMode as _GM
@@ -217,8 +223,13 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             hidden, d, config.predictor_nhead, config.predictor_dim_feedforward, config.predictor_num_layers
         )
         self.output_text_score_predictor = OutputTextScorePredictor(hidden, d)
-        # the parent ran post_init() before the predictors existed
         self.post_init()
+
+    def post_init(self):
+        # LlavaForConditionalGeneration.__init__ calls post_init() before the predictors exist; 4.57 then rejects
+        # `_keep_in_fp32_modules`. Run it once, when they do.
+        if hasattr(self, "output_text_score_predictor"):
+            super().post_init()
 
     # ---- entry points (explicit signatures: generate() inspects them) ------------------------------------------
 
