@@ -208,6 +208,11 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     _keep_in_fp32_modules = ["image_score_predictor", "output_text_score_predictor"]
     _keep_in_fp32_modules_strict = ["image_score_predictor", "output_text_score_predictor"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # the sparse layers need a 4D mask over (kept past + chunk): flash-attention (2D masks only) and flex attention
+    # are refused by from_pretrained with transformers' own message; sdpa and eager are supported
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
 
     if IS_V5:
         from transformers.generation.utils import GenerationMode as _GM

@@ -162,3 +162,11 @@ def test_device_map_and_disk_offload(saved, tmp_path, which):
     assert torch.equal(ca.kept_lengths(), cb.kept_lengths())
     assert all(torch.equal(x, y) for x, y in zip(ca.output_text_keep, cb.output_text_keep))
     assert all(torch.equal(x, y) for x, y in zip(ca.kept_vision_indices, cb.kept_vision_indices))
+
+
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
+def test_unsupported_attention_is_refused_at_load(saved, impl):
+    # the sparse layers need a 4D mask over the kept past plus the chunk; these kernels take none
+    _, folder = saved
+    with pytest.raises((ValueError, ImportError), match="(?i)flash|flex|support"):
+        DynamicLlavaForConditionalGeneration.from_pretrained(folder / "ours", attn_implementation=impl)
