@@ -39,6 +39,15 @@ def converted(request, tmp_path_factory):
     return model, load_file(ref / "inputs.safetensors"), load_file(ref / "outputs.safetensors")
 
 
+@pytest.fixture
+def one_thread():
+    """The fixture was recorded with 1 thread; restore the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def expand_sentinel(ids, model):
     """The original splices the image at id -200; ours expects the image token repeated per image token."""
     ids = ids[0]
@@ -60,9 +69,8 @@ def close(actual, expected, what):
 
 
 @pytest.mark.parametrize("sample", [0, 1])
-def test_parity_with_original_cached_generation(converted, sample):
+def test_parity_with_original_cached_generation(converted, sample, one_thread):
     model, inputs, outputs = converted
-    torch.set_num_threads(1)
     vocab = outputs[f"s{sample}.cached.step_logits"].shape[-1]
     ids = expand_sentinel(inputs[f"s{sample}.input_ids"], model)
     pixels = inputs[f"s{sample}.pixel_values"]
@@ -107,9 +115,8 @@ def test_parity_with_original_cached_generation(converted, sample):
     assert torch.equal(uncached[0, ids.shape[1] :], generated)
 
 
-def test_parity_with_original_multiround(converted):
+def test_parity_with_original_multiround(converted, one_thread):
     model, inputs, outputs = converted
-    torch.set_num_threads(1)
     vocab = outputs["s0.multiround.step_logits"].shape[-1]
     ids = expand_sentinel(inputs["s0.input_ids"], model)
     chunk = outputs["s0.multiround.chunk_ids"]

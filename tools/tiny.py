@@ -56,6 +56,28 @@ def tiny_config(**overrides) -> DynamicLlavaConfig:
     return DynamicLlavaConfig(**kwargs)
 
 
+def init_by_name(model, seed: int) -> None:
+    """
+    Set every parameter from a generator seeded by (seed, its name in the 4.57 layout): the same weights on
+    transformers 4.57 and 5.x (their module construction orders differ). Matrices are widened (std 0.3, embeddings
+    1.0) so greedy choices are well separated; norm weights 1, biases and other vectors small and random.
+    """
+    import zlib
+
+    from .hub_folder import hub_key
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(hub_key(name).encode()))
+            if param.dim() > 1:
+                std = 1.0 if "embed" in name else 0.3
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif "norm" in name and name.endswith("weight") or name.endswith(("down_mlp.0.weight", "output_mlp.0.weight")):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * (1.0 if "class_embedding" in name else 0.1))
+
+
 def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", suppress_eos: bool = True, **overrides) -> DynamicLlavaForConditionalGeneration:
     """
     A tiny random model in eval mode, float32. The weights are widened so greedy choices are well separated;
@@ -67,10 +89,7 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", suppress_eos: b
     config.vision_config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = DynamicLlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.3 if "embed" not in name else 1.0)
+    init_by_name(model, seed)
     # a random model could emit the image token; it must not end up inside generated text
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID] + ([config.text_config.eos_token_id] if suppress_eos else [])
     model.generation_config.pad_token_id = 0
@@ -91,10 +110,14 @@ def calibrate_output_text_bias(model, inputs: dict, max_new_tokens: int = 30, ro
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         finally:
             hook.remove()
-        median = torch.cat(margins).median()
+        # shift to the midpoint of the two margins around the median: about half kept, and no margin left
+        # at the threshold itself (a decision at margin ~0 would flip with float noise)
+        ordered = torch.cat(margins).sort().values
+        middle = ordered.numel() // 2
+        shift = (ordered[middle - 1] + ordered[middle]) / 2 if ordered.numel() > 1 else ordered[0]
         with torch.no_grad():
-            head.bias[0] -= median / 2
-            head.bias[1] += median / 2
+            head.bias[0] -= shift / 2
+            head.bias[1] += shift / 2
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     keep = torch.cat(cache.output_text_keep)
