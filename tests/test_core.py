@@ -416,3 +416,21 @@ def test_model_state_dict_matches_stock_plus_predictors(calibrated_model):
     extra = ours - set(stock.state_dict())
     assert ours >= set(stock.state_dict())
     assert extra and all(k.split(".")[0] in ("image_score_predictor", "output_text_score_predictor") for k in extra)
+
+
+def test_labels_loss_follows_the_computed_positions(calibrated_model):
+    inputs = tiny_inputs([(5, 6, 7, 8, 9)])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    off = sparsity_off(calibrated_model)
+    with torch.no_grad():
+        ours = off(**inputs, labels=labels)
+        stock = stock_llava(off)(**inputs, labels=labels)
+        sparse = calibrated_model(**inputs, labels=labels)
+    assert abs(ours.loss.item() - stock.loss.item()) <= 1e-5
+    # with pruning, the logits cover the computed positions; labels are gathered to them (dropped image tokens
+    # carry -100 anyway), so the loss is the mean over the same text targets
+    kept = sparse.token_indices[0]
+    gathered = labels[0, kept]
+    shift_logits, shift_labels = sparse.logits[0, :-1], gathered[1:]
+    expected = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    assert torch.allclose(sparse.loss, expected, atol=1e-6)
