@@ -1,0 +1,93 @@
+"""LLaVA conversation data: vicuna_v1 prompts, labels on the answers only, clear errors that name the sample."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dynamic_llava.processor import VICUNA_V1_SYSTEM
+from dynamic_llava.tools.data import IGNORE_INDEX, DataError, LlavaConversationDataset, answer_span, collate
+from test_hub import tiny_processor
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def sample(**changes):
+    base = {"id": "s1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nw5 w6"}, {"from": "gpt", "value": "w7 w8 w9"},
+        {"from": "human", "value": "w10"}, {"from": "gpt", "value": "w11"}]}  # fmt: skip
+    base.update(changes)
+    return base
+
+
+def test_prompt_and_labels(folder):
+    processor = tiny_processor()
+    data = LlavaConversationDataset([sample()], folder, processor, image_seq_length=16)
+    item = data[0]
+    tok = processor.tokenizer
+    # the same tokens as the processor's vicuna_v1 chat template for this conversation, the image expanded to 16
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "w7 w8 w9"}]},
+        {"role": "user", "content": [{"type": "text", "text": "w10"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "w11"}]},
+    ]
+    text = processor.apply_chat_template(messages)
+    assert text == f"{VICUNA_V1_SYSTEM} USER: <image>\nw5 w6 ASSISTANT: w7 w8 w9</s>USER: w10 ASSISTANT: w11</s>"
+    expected = []
+    for t in tok(text)["input_ids"]:
+        expected.extend([t] * 16 if t == tok.convert_tokens_to_ids("<image>") else [t])
+    assert item["input_ids"].tolist() == expected
+    answers = [tok.decode([t]) for t in item["labels"].tolist() if t != IGNORE_INDEX]
+    assert answers == ["w7", "w8", "w9", "</s>", "w11", "</s>"]
+    assert item["pixel_values"].shape == (3, 32, 32)
+
+    batch = collate([item, data[0]], pad_token_id=tok.pad_token_id)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    start, end = answer_span(batch["labels"], batch["attention_mask"])
+    n = item["input_ids"].numel()
+    assert start.tolist() == [n - 2, n - 2] and end.tolist() == [n, n]  # the final answer: "w11 </s>"
+
+
+def test_collate_pads_right_and_masks_labels(folder):
+    processor = tiny_processor()
+    short = sample(conversations=sample()["conversations"][:2])
+    data = LlavaConversationDataset([sample(), short], folder, processor, image_seq_length=16)
+    batch = collate([data[0], data[1]], pad_token_id=0)
+    n1 = data[1]["input_ids"].numel()
+    assert batch["attention_mask"][1].tolist() == [1] * n1 + [0] * (batch["input_ids"].shape[1] - n1)
+    assert (batch["labels"][1, n1:] == IGNORE_INDEX).all()
+    start, end = answer_span(batch["labels"], batch["attention_mask"])
+    assert end[1] == n1 and start[1] == n1 - 4  # "w7 w8 w9 </s>"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (sample(image="missing.png"), "sample 0 \\(id 's1'\\): image file 'missing.png' not found"),
+        (sample(conversations=[{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w6"}]),
+         "sample 0 \\(id 's1'\\) has an image but 0 '<image>'"),  # fmt: skip
+        (sample(conversations=[]), "sample 0 \\(id 's1'\\) has no conversations"),
+        ({"id": 7, "conversations": [{"from": "human", "value": "<image>\nw5"}, {"from": "gpt", "value": "w6"}]},
+         "sample 0 \\(id 7\\) has '<image>' in its text but no 'image' file"),  # fmt: skip
+        (sample(conversations=[{"from": "gpt", "value": "w5"}]), "turn 0 must be"),
+    ],
+)
+def test_bad_samples_name_the_sample(folder, bad, message):
+    with pytest.raises(DataError, match=message):
+        LlavaConversationDataset([bad], folder, tiny_processor(), image_seq_length=16)
+
+
+def test_bad_files(folder):
+    with pytest.raises(DataError, match="does not exist"):
+        LlavaConversationDataset(folder / "nope.json", folder, tiny_processor(), image_seq_length=16)
+    (folder / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        LlavaConversationDataset(folder / "broken.json", folder, tiny_processor(), image_seq_length=16)
+    (folder / "ok.json").write_text(json.dumps([sample()]))
+    assert len(LlavaConversationDataset(folder / "ok.json", folder, tiny_processor(), image_seq_length=16)) == 1
