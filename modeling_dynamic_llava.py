@@ -28,6 +28,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .sparse_cache import DynamicLlavaCache
+from .sparse_training import TRAINING_ATTENTION, answer_span, register_training_attention, straight_through_keep
 
 __all__ = [
     "DynamicLlavaForConditionalGeneration",
@@ -180,6 +181,12 @@ class DynamicLlavaCausalLMOutput(LlavaCausalLMOutputWithPast):
     output_text_keep: Optional[torch.Tensor] = None
     token_indices: Optional[torch.Tensor] = None
     output_text_start: Optional[int] = None
+    # training (model.train()): the loss terms, for logging, and the keep ratios of the straight-through masks
+    ce_loss: Optional[torch.Tensor] = None
+    vision_budget_loss: Optional[torch.Tensor] = None
+    output_text_budget_loss: Optional[torch.Tensor] = None
+    vision_keep_ratio: Optional[torch.Tensor] = None
+    output_text_keep_ratio: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -228,7 +235,23 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             hidden, d, config.predictor_nhead, config.predictor_dim_feedforward, config.predictor_num_layers
         )
         self.output_text_score_predictor = OutputTextScorePredictor(hidden, d)
+        # Gumbel-softmax temperature while training (GumbelTemperatureCallback sets 0.1 ** (step / max_steps))
+        self.gumbel_tau = 1.0
+        self.gumbel_noise = True
         self.post_init()
+
+    def train(self, mode: bool = True):
+        """Training mode keeps every token and uses the masked softmax in layers >= sparse_layer (see
+        sparse_training.py); eval mode restores the attention implementation it had."""
+        super().train(mode)
+        text = self.config.text_config
+        if mode and self.config.sparsification_enabled and text._attn_implementation != TRAINING_ATTENTION:
+            register_training_attention()
+            self._inference_attn_implementation = text._attn_implementation
+            text._attn_implementation = TRAINING_ATTENTION
+        elif not mode and text._attn_implementation == TRAINING_ATTENTION:
+            text._attn_implementation = getattr(self, "_inference_attn_implementation", "sdpa")
+        return self
 
     def post_init(self):
         # LlavaForConditionalGeneration.__init__ calls post_init() before the predictors exist; 4.57 then rejects
@@ -343,6 +366,9 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         else:
             image_token_mask = None
 
+        if self.training and self.config.sparsification_enabled:
+            return self._training_forward(inputs_embeds, attention_mask, position_ids, image_token_mask, labels)
+
         hidden_states, selection, token_indices = self.sparse_decoder_forward(
             inputs_embeds, attention_mask, position_ids, cache, image_token_mask, output_text_start, use_cache
         )
@@ -456,6 +482,73 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for layer in lm.layers[sparse_layer:]:
             hidden = layer(hidden, **self._layer_kwargs(sparse_mask, positions, rope, cache, use_cache, past_length))
         return lm.norm(hidden), selection, token_indices
+
+    def _training_forward(self, inputs_embeds, attention_mask, position_ids, image_token_mask, labels):
+        """
+        Training: every token through every layer; straight-through Gumbel keep masks at `sparse_layer` (images:
+        every image token; output text: the final answer span of answers >= output_text_len_for_training); the
+        masked softmax in layers >= `sparse_layer`; loss = CE + mask_loss_weight * budget terms.
+        """
+        config = self.config
+        lm = self.model.language_model
+        l = config.sparse_layer
+        batch, q, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = torch.arange(q, device=device).expand(batch, q)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, q, dtype=torch.bool, device=device)
+        causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        dense_mask = (causal[None] & valid[:, None, :]) | torch.eye(q, dtype=torch.bool, device=device)[None]
+        dense_mask = dense_mask[:, None]
+        rope = lm.rotary_emb(inputs_embeds, position_ids)
+        hidden = inputs_embeds
+        kwargs = {"position_ids": position_ids, "position_embeddings": rope, "use_cache": False}
+        for layer in lm.layers[:l]:
+            hidden = layer(hidden, attention_mask=dense_mask, **kwargs)
+
+        keep = torch.ones(batch, q, device=device, dtype=torch.float32)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        vision_loss, text_loss, vision_ratio, text_ratio = zero, zero, None, None
+        if config.use_vision_predictor and image_token_mask is not None and bool(image_token_mask.any()):
+            image_mask = image_token_mask.to(device)
+            image_hidden = hidden[image_mask].reshape(-1, self._tokens_per_image(), hidden.shape[-1])
+            logits = self._run_predictor(self.image_score_predictor, image_hidden)
+            image_keep = straight_through_keep(logits, self.gumbel_tau, self.gumbel_noise)  # [images, T]
+            keep = keep.masked_scatter(image_mask, image_keep.reshape(-1))
+            vision_ratio = image_keep.mean(dim=-1)
+            vision_loss = ((config.vision_keep_rate - vision_ratio) ** 2).mean()
+            vision_ratio = vision_ratio.mean()
+        if config.use_output_text_predictor and labels is not None:
+            start, end = answer_span(labels.to(device), valid)
+            positions = torch.arange(q, device=device)[None]
+            span = (positions >= start[:, None]) & (positions < end[:, None])
+            length = (end - start).clamp(min=1)
+            long_answer = (end - start) >= config.output_text_len_for_training
+            logits = self._run_predictor(self.output_text_score_predictor, hidden)
+            text_keep = straight_through_keep(logits, self.gumbel_tau, self.gumbel_noise)  # [B, q]
+            active = span & long_answer[:, None]
+            keep = torch.where(active, keep * text_keep, keep)
+            row_ratio = (text_keep * span).sum(-1) / length
+            target = torch.where(long_answer, torch.full_like(row_ratio, config.output_text_keep_rate), row_ratio.detach())
+            text_loss = ((target - row_ratio) ** 2).mean()
+            text_ratio = row_ratio[long_answer].mean() if bool(long_answer.any()) else None
+
+        for layer in lm.layers[l:]:
+            hidden = layer(hidden, attention_mask=None, dynamic_llava_keep=keep, **kwargs)
+        logits = self.lm_head(lm.norm(hidden))
+        ce = None
+        if labels is not None:
+            ce = self.loss_function(logits=logits, labels=labels, vocab_size=config.text_config.vocab_size)
+        budget = config.mask_loss_weight * (vision_loss + text_loss)
+        return DynamicLlavaCausalLMOutput(
+            loss=None if ce is None else ce + budget,
+            logits=logits,
+            ce_loss=ce,
+            vision_budget_loss=vision_loss,
+            output_text_budget_loss=text_loss,
+            vision_keep_ratio=vision_ratio,
+            output_text_keep_ratio=text_ratio,
+        )
 
     def _select_tokens(self, hidden, token_valid, image_token_mask, cache, past_length, output_text_start):
         """Score at `sparse_layer`: image top-k per image, output-text threshold per generated token."""

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..processor.processing_dynamic_llava import VICUNA_V1_SYSTEM
+from ..sparse_training import answer_span  # noqa: F401  (the answer span the training masks use)
 
 IGNORE_INDEX = -100
 IMAGE = "<image>"
@@ -131,16 +132,3 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
     if pixels:
         out["pixel_values"] = torch.stack(pixels)
     return out
-
-
-def answer_span(labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    `[batch, q]` labels -> (`start`, `end`) `[batch]`: the final answer span of each row, one past the last -100
-    among its real tokens up to its last real token (the original's rule; padding is not counted).
-    """
-    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
-    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    ignored = (labels == IGNORE_INDEX) & real
-    start = torch.where(ignored, positions, torch.full_like(positions, -1)).amax(-1) + 1
-    end = torch.where(real, positions, torch.full_like(positions, -1)).amax(-1) + 1
-    return start, end

@@ -20,6 +20,7 @@ CODE_FILES = {
     "configuration_dynamic_llava.py": PACKAGE_ROOT / "configuration_dynamic_llava.py",
     "modeling_dynamic_llava.py": PACKAGE_ROOT / "modeling_dynamic_llava.py",
     "sparse_cache.py": PACKAGE_ROOT / "sparse_cache.py",
+    "sparse_training.py": PACKAGE_ROOT / "sparse_training.py",
     "processing_dynamic_llava.py": PACKAGE_ROOT / "processor" / "processing_dynamic_llava.py",
     "image_processing_dynamic_llava.py": PACKAGE_ROOT / "processor" / "image_processing_dynamic_llava.py",
 }

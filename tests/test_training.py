@@ -1,0 +1,138 @@
+"""Training mode (issue 8, first part): straight-through masks, masked softmax, budget loss, stock Trainer."""
+
+import functools
+
+import pytest
+import torch
+from PIL import Image
+
+from dynamic_llava.sparse_training import (
+    TRAINING_ATTENTION,
+    GumbelTemperatureCallback,
+    predictor_parameter_groups,
+    straight_through_keep,
+    temperature,
+)
+from dynamic_llava.tools.data import LlavaConversationDataset, collate
+from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
+from test_hub import tiny_processor
+
+
+def training_batch(answer_words=40):
+    """Two rows: an image prompt then a long answer (labels on the answer only)."""
+    inputs = tiny_inputs([(5, 6, 7) + tuple(range(20, 20 + answer_words)), (8, 9) + tuple(range(30, 30 + answer_words))])
+    labels = inputs["input_ids"].clone()
+    labels[:, : inputs["input_ids"].shape[1] - answer_words] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    return inputs, labels
+
+
+def test_training_mode_switches_attention_and_back():
+    model = tiny_model(0)
+    model.train()
+    assert model.config.text_config._attn_implementation == TRAINING_ATTENTION
+    model.eval()
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_gradients_reach_both_predictors_through_the_masks():
+    model = tiny_model(0, output_text_len_for_training=20).train()
+    inputs, labels = training_batch()
+    out = model(**inputs, labels=labels)
+    assert out.loss is not None and out.ce_loss is not None
+    assert torch.allclose(out.loss, out.ce_loss + 100 * (out.vision_budget_loss + out.output_text_budget_loss))
+    out.loss.backward()
+    for predictor in (model.image_score_predictor, model.output_text_score_predictor):
+        grads = [p.grad for p in predictor.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    # no token is removed while training: logits for every position
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_masked_softmax_with_all_kept_equals_plain_attention():
+    """With every keep 1 the masked softmax is the causal softmax (up to eps): the model matches eval mode."""
+    model = tiny_model(1, use_vision_predictor=False, output_text_len_for_training=10_000)
+    inputs, labels = training_batch()
+    inputs = {"input_ids": inputs["input_ids"][:1], "pixel_values": inputs["pixel_values"][:1]}  # the unpadded row
+    with torch.no_grad():
+        reference = model.eval()(**inputs).logits
+        trained = model.train()(**inputs, labels=None).logits
+    assert (trained - reference).abs().max() < 1e-3
+
+
+def test_at_tau_to_zero_training_masks_equal_inference_decisions():
+    model = tiny_model(2, output_text_len_for_training=10).eval()
+    inputs, labels = training_batch(answer_words=24)
+    row = {k: v[:1] for k, v in inputs.items()}
+    start = int((labels[0] == -100).nonzero().max()) + 1
+    with torch.no_grad():
+        inference = model(input_ids=row["input_ids"], pixel_values=row["pixel_values"], use_cache=False,
+                          output_text_start=start)  # fmt: skip
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("keep", kwargs["dynamic_llava_keep"])
+
+    hook = model.model.language_model.layers[model.config.sparse_layer].register_forward_pre_hook(grab, with_kwargs=True)
+    model.train()
+    model.gumbel_tau, model.gumbel_noise = 1e-4, False
+    with torch.no_grad():
+        model(**row, labels=labels[:1])
+    hook.remove()
+    keep = captured["keep"][0]
+    assert torch.equal(keep[start:].bool(), inference.output_text_keep[0])
+    # images: each token kept iff logit0 > logit1 (inference keeps the top-k of the same scores instead)
+    assert set(inference.kept_vision_indices[0][0].tolist()) <= set(range(16))
+    assert torch.equal(straight_through_keep(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), 1e-4, noise=False),
+                       torch.tensor([1.0, 0.0]))  # fmt: skip
+
+
+def test_a_few_steps_move_keep_ratios_toward_targets_and_loss_down():
+    torch.manual_seed(0)
+    model = tiny_model(3, output_text_len_for_training=20).train()
+    inputs, labels = training_batch()
+    optimizer = torch.optim.AdamW(predictor_parameter_groups(model, predictor_lr=5e-3, lr=1e-4))
+
+    def ratios():
+        model.gumbel_noise = False
+        with torch.no_grad():
+            out = model(**inputs, labels=labels)
+        model.gumbel_noise = True
+        return float(out.vision_keep_ratio), float(out.output_text_keep_ratio), float(out.loss)
+
+    vision0, text0, loss0 = ratios()
+    for step in range(40):
+        model.gumbel_tau = temperature(step, 40)
+        out = model(**inputs, labels=labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    vision1, text1, loss1 = ratios()
+    target_v, target_t = model.config.vision_keep_rate, model.config.output_text_keep_rate
+    assert abs(vision1 - target_v) < abs(vision0 - target_v) or abs(vision1 - target_v) <= 0.07
+    assert abs(text1 - target_t) < abs(text0 - target_t) or abs(text1 - target_t) <= 0.07
+    assert loss1 < loss0
+
+
+def test_stock_trainer_runs_one_epoch(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    for i in range(4):
+        Image.effect_noise((36, 28), 30 + 10 * i).convert("RGB").save(tmp_path / f"{i}.png")
+    samples = [{"id": i, "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nw5 w6"},
+        {"from": "gpt", "value": " ".join(f"w{10 + (i + j) % 90}" for j in range(30))}]} for i in range(4)]  # fmt: skip
+    processor = tiny_processor()
+    dataset = LlavaConversationDataset(samples, tmp_path, processor, image_seq_length=16)
+    model = tiny_model(4, output_text_len_for_training=20)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=2,
+                             report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False,
+                             use_cpu=True, disable_tqdm=True)  # fmt: skip
+    optimizer = torch.optim.AdamW(predictor_parameter_groups(model))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
+                      data_collator=functools.partial(collate, pad_token_id=0),
+                      callbacks=[GumbelTemperatureCallback()])  # fmt: skip
+    result = trainer.train()
+    assert trainer.state.global_step == 2 and result.training_loss > 0
+    assert model.gumbel_tau == pytest.approx(temperature(1, 2))
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())  # frozen by default
