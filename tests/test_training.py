@@ -136,3 +136,41 @@ def test_stock_trainer_runs_one_epoch(tmp_path):
     assert trainer.state.global_step == 2 and result.training_loss > 0
     assert model.gumbel_tau == pytest.approx(temperature(1, 2))
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())  # frozen by default
+
+
+def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
+    import json
+
+    from dynamic_llava.tools.cli import main
+    from dynamic_llava.tools.export import export_model
+
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = []
+    for i in range(6):
+        Image.effect_noise((30, 40), 20 + 9 * i).convert("RGB").save(images / f"{i}.png")
+        samples.append({"id": i, "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nw5 w6"},
+            {"from": "gpt", "value": " ".join(f"w{10 + (i * 7 + j) % 90}" for j in range(25))}]})  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps(samples))
+    base = export_model(tiny_model(5, output_text_len_for_training=20), tmp_path / "base", processor=tiny_processor())
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "data.json"), "--images", str(images), "--model", str(base),
+            "--out", str(out), "--batch-size", "2", "--save-steps", "1", "--logging-steps", "1"]  # fmt: skip
+    assert main(argv + ["--max-steps", "2"]) == 0
+    assert (out / "checkpoints" / "checkpoint-2").exists()
+    assert main(argv + ["--max-steps", "3", "--resume"]) == 0  # continues from checkpoint-2
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert (out / "model" / "config.json").exists() and (out / "model" / "modeling_dynamic_llava.py").exists()
+    from dynamic_llava import DynamicLlavaForConditionalGeneration
+
+    trained = DynamicLlavaForConditionalGeneration.from_pretrained(out / "model")
+    before = DynamicLlavaForConditionalGeneration.from_pretrained(base)
+    delta = (trained.image_score_predictor.down_mlp[1].weight - before.image_score_predictor.down_mlp[1].weight).abs()
+    assert delta.max() > 0  # the predictors moved
+    for a, b in zip(trained.model.vision_tower.parameters(), before.model.vision_tower.parameters()):
+        assert torch.equal(a, b)  # the vision tower is frozen by default
+    bad = argv[:-6] + ["--out", str(tmp_path / "fresh"), "--resume"]
+    assert main(bad) == 2
+    assert "no checkpoint" in capsys.readouterr().err

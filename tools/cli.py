@@ -157,6 +157,20 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train import train
+
+    folder = train(
+        args.data, args.images, args.model, args.out, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, predictor_lr=args.predictor_lr, lr=args.lr,
+        freeze_vision_tower=not args.unfreeze_vision_tower, freeze_projector=args.freeze_projector,
+        freeze_llm=args.freeze_llm, save_steps=args.save_steps, logging_steps=args.logging_steps,
+        resume=args.resume, seed=args.seed, max_length=args.max_length,
+    )  # fmt: skip
+    print(f"trained model written to {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", default=None, help="folder for results.json and the plots")
     bench.set_defaults(func=_bench)
+
+    tr = sub.add_parser("train", help="train the predictors under the stock Trainer on LLaVA conversation JSON")
+    tr.add_argument("--data", required=True, help="LLaVA conversation JSON")
+    tr.add_argument("--images", required=True, help="folder of the samples' images")
+    tr.add_argument("--model", required=True, help="a Dynamic-LLaVA folder with its processor (convert/export)")
+    tr.add_argument("--out", required=True, help="checkpoints go to OUT/checkpoints, the model to OUT/model")
+    tr.add_argument("--epochs", type=float, default=1.0)
+    tr.add_argument("--max-steps", type=int, default=-1)
+    tr.add_argument("--batch-size", type=int, default=4)
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--predictor-lr", type=float, default=2e-4)
+    tr.add_argument("--lr", type=float, default=5e-6)
+    tr.add_argument("--unfreeze-vision-tower", action="store_true")
+    tr.add_argument("--freeze-projector", action="store_true")
+    tr.add_argument("--freeze-llm", action="store_true")
+    tr.add_argument("--save-steps", type=int, default=500)
+    tr.add_argument("--logging-steps", type=int, default=10)
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--max-length", type=int, default=2048)
+    tr.set_defaults(func=_train)
 
     exp = sub.add_parser("export", help="write a Hub-ready folder from a saved Dynamic-LLaVA folder")
     exp.add_argument("model_dir")
