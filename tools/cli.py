@@ -171,6 +171,27 @@ def _train(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from .synthetic_train import evaluate_synthetic, load_for_eval
+
+    if args.task != "synthetic":
+        raise ValueError(f"unknown task {args.task!r}; the one task is 'synthetic'")
+    model, processor = load_for_eval(args.model)
+    result = evaluate_synthetic(model, processor, n=args.n, seed=args.seed, no_sparsity=args.no_sparsity,
+                                max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+def _train_synthetic(args) -> int:
+    from .synthetic_train import train_synthetic
+
+    folder = train_synthetic(args.out, dense_steps=args.dense_steps, sparse_steps=args.sparse_steps,
+                             batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    print(f"trained model written to {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--max-length", type=int, default=2048)
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="answer N fresh synthetic questions; print one JSON line")
+    ev.add_argument("--task", default="synthetic")
+    ev.add_argument("--n", type=int, default=500)
+    ev.add_argument("--seed", type=int, default=12345)
+    ev.add_argument("--model", default=None, help="a Dynamic-LLaVA folder trained on the synthetic task")
+    ev.add_argument("--no-sparsity", action="store_true")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.set_defaults(func=_evaluate)
+
+    ts = sub.add_parser("train-synthetic", help="train a small Dynamic-LLaVA from scratch on the synthetic task")
+    ts.add_argument("--out", required=True)
+    ts.add_argument("--dense-steps", type=int, default=4000)
+    ts.add_argument("--sparse-steps", type=int, default=1500)
+    ts.add_argument("--batch-size", type=int, default=16)
+    ts.add_argument("--seed", type=int, default=0)
+    ts.set_defaults(func=_train_synthetic)
 
     exp = sub.add_parser("export", help="write a Hub-ready folder from a saved Dynamic-LLaVA folder")
     exp.add_argument("model_dir")

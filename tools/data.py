@@ -87,34 +87,39 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def __getitem__(self, index) -> dict:
         sample = self.samples[index]
-        turns = sample["conversations"]
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-        for i in range(0, len(turns), 2):
-            question = turns[i]["value"]
-            if IMAGE in question:  # the original puts the image first: "<image>\nQ"
-                question = IMAGE + "\n" + question.replace(IMAGE, "").strip()
-            prompt = (VICUNA_V1_SYSTEM + " " if i == 0 else "") + "USER: " + question + " ASSISTANT:"
-            answer = " " + turns[i + 1]["value"].strip() + "</s>"
-            prompt_ids = []
-            for piece in self._ids(prompt):
-                prompt_ids.extend([piece] * self.image_seq_length if piece == self.image_token_id else [piece])
-            answer_ids = self._ids(answer)
-            input_ids += prompt_ids + answer_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        input_ids, labels = encode_conversation(self.tokenizer, sample["conversations"], self.image_seq_length)
         input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         if "image" in sample:
-            if self.image_token_id not in item["input_ids"][: self.max_length].tolist():
+            if self.image_token_id not in input_ids:
                 raise DataError(f"{self._name(index, sample)}: max_length {self.max_length} cuts the image out")
             pixels = self.processor.image_processor(str(self.image_folder / sample["image"]), return_tensors="pt")
             item["pixel_values"] = pixels["pixel_values"][0]
         return item
+
+
+def encode_conversation(tokenizer, turns: list[dict], image_seq_length: int) -> tuple[list[int], list[int]]:
+    """
+    vicuna_v1 token ids of a conversation and its labels (-100 but on the answers and their `</s>`); each
+    `<image>` is expanded to `image_seq_length` tokens. Segments are tokenized one by one, so spans are exact.
+    """
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    for i in range(0, len(turns), 2):
+        question = turns[i]["value"]
+        if IMAGE in question:  # the original puts the image first: "<image>\nQ"
+            question = IMAGE + "\n" + question.replace(IMAGE, "").strip()
+        prompt = (VICUNA_V1_SYSTEM + " " if i == 0 else "") + "USER: " + question + " ASSISTANT:"
+        prompt_ids = []
+        for piece in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+            prompt_ids.extend([piece] * image_seq_length if piece == image_id else [piece])
+        answer_ids = tokenizer(" " + turns[i + 1]["value"].strip() + "</s>", add_special_tokens=False)["input_ids"]
+        input_ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return input_ids, labels
 
 
 def collate(batch: list[dict], pad_token_id: int) -> dict:

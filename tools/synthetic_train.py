@@ -1,0 +1,183 @@
+"""Train a small Dynamic-LLaVA from scratch on the synthetic visual task (tools/synthetic_task.py), on CPU, and
+evaluate it: accuracy, keep rates, and whether the kept vision tokens cover the object.
+
+Two phases, seeded:
+1. dense: the whole model (vision tower included) learns the task with sparsification off;
+2. sparse: the predictors learn (Gumbel straight-through masks, budget loss) while the rest adapts at a low rate.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..configuration_dynamic_llava import DynamicLlavaConfig
+from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
+from ..sparse_training import predictor_parameter_groups, temperature
+from .data import collate, encode_conversation
+from .synthetic_task import build_tokenizer, is_correct, make_sample, object_patches, vicuna_prompt
+
+IMAGE_SIZE, PATCH = 64, 8
+
+
+def synthetic_processor() -> DynamicLlavaProcessor:
+    tokenizer = build_tokenizer()
+    image_processor = DynamicLlavaImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})  # fmt: skip
+    return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH)
+
+
+def synthetic_config(tokenizer) -> DynamicLlavaConfig:
+    vocab = int(math.ceil(len(tokenizer) / 64) * 64)
+    return DynamicLlavaConfig(
+        text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=64),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        sparse_layer=2, vision_keep_rate=0.2, output_text_keep_rate=0.5, output_text_len_for_training=50,
+        predictor_d_model=32, predictor_nhead=2, predictor_dim_feedforward=64, predictor_num_layers=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def _rng(seed: int, index: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + index)
+
+
+def encode_sample(sample: dict, processor, image_seq_length: int) -> dict:
+    turns = [{"from": "human", "value": "<image>\n" + sample["question"]}, {"from": "gpt", "value": sample["answer_text"]}]
+    ids, labels = encode_conversation(processor.tokenizer, turns, image_seq_length)
+    pixels = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+
+
+def _batches(processor, config, seed: int, batch_size: int):
+    index = 0
+    while True:
+        items = [encode_sample(make_sample(_rng(seed, index + i), IMAGE_SIZE), processor, config.image_seq_length)
+                 for i in range(batch_size)]  # fmt: skip
+        index += batch_size
+        yield collate(items, pad_token_id=processor.tokenizer.pad_token_id)
+
+
+def _cosine(optimizer, steps: int, warmup: float):
+    """Linear warm-up over `warmup` of the steps, then cosine to 0."""
+    warm = max(1, int(steps * warmup))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_synthetic(out: str, dense_steps: int = 1500, sparse_steps: int = 500, batch_size: int = 16,
+                    seed: int = 0, log=print) -> Path:  # fmt: skip
+    """Train from scratch (seeded, reproducible on one machine) and export a Hub-ready folder to `out`."""
+    from .export import export_model
+
+    torch.manual_seed(seed)
+    processor = synthetic_processor()
+    config = synthetic_config(processor.tokenizer)
+    model = DynamicLlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = 2
+    batches = _batches(processor, config, seed, batch_size)
+    start = time.time()
+
+    # phase 1: dense, everything trainable
+    config.use_vision_predictor = config.use_output_text_predictor = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = _cosine(optimizer, dense_steps, warmup=0.05)
+    for step in range(dense_steps):
+        loss = model(**next(batches)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == dense_steps - 1:
+            log(f"[dense {step}/{dense_steps}] loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+
+    # phase 2: sparse, predictors at a high rate, the rest slowly (vision tower frozen as in the paper)
+    config.use_vision_predictor = config.use_output_text_predictor = True
+    model.train()
+    groups = predictor_parameter_groups(model, predictor_lr=2e-3, lr=5e-5, freeze_vision_tower=True)
+    optimizer = torch.optim.AdamW(groups)
+    schedule = _cosine(optimizer, sparse_steps, warmup=0.03)
+    for step in range(sparse_steps):
+        model.gumbel_tau = temperature(step, sparse_steps)
+        out_ = model(**next(batches))
+        optimizer.zero_grad()
+        out_.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == sparse_steps - 1:
+            log(f"[sparse {step}/{sparse_steps}] loss {out_.loss.item():.3f} ce {out_.ce_loss.item():.3f} vision keep "
+                f"{float(out_.vision_keep_ratio):.2f} text keep {float(out_.output_text_keep_ratio or 0):.2f} "
+                f"({time.time() - start:.0f}s)")  # fmt: skip
+    model.eval()
+    model.requires_grad_(True)
+    return export_model(model, out, processor=processor, overwrite=True)
+
+
+def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_sparsity: bool = False,
+                       max_new_tokens: int = 64, batch_size: int = 25) -> dict:  # fmt: skip
+    """Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall."""
+    config = model.config
+    saved = config.use_vision_predictor, config.use_output_text_predictor
+    if no_sparsity:
+        config.use_vision_predictor = config.use_output_text_predictor = False
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    correct = kept_text = scored_text = covered = object_total = kept_vision = vision_total = 0
+    try:
+        for first in range(0, n, batch_size):
+            samples = [make_sample(_rng(seed, i), IMAGE_SIZE) for i in range(first, min(n, first + batch_size))]
+            prompts = [vicuna_prompt(s["question"]) for s in samples]
+            inputs = processor(images=[s["image"] for s in samples], text=prompts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     return_dict_in_generate=True)  # fmt: skip
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for row, (sample, text) in enumerate(zip(samples, texts)):
+                correct += is_correct(text, sample)
+                kept = cache.kept_vision_indices[row]
+                kept = set((kept if isinstance(kept, torch.Tensor) else kept[0]).tolist())
+                patches = object_patches(sample["object_box"], IMAGE_SIZE, PATCH)
+                covered += len(kept & set(patches))
+                object_total += len(patches)
+                kept_vision += len(kept)
+                vision_total += config.image_seq_length
+                decisions = cache.output_text_keep[row]
+                kept_text += int(decisions.sum())
+                scored_text += decisions.numel()
+    finally:
+        config.use_vision_predictor, config.use_output_text_predictor = saved
+    return {
+        "task": "synthetic", "n": n, "seed": seed, "sparsity": not no_sparsity, "accuracy": correct / n,
+        "correct": correct, "vision_keep_rate": kept_vision / vision_total,
+        "output_text_keep_rate": (kept_text / scored_text) if scored_text else None,
+        "output_text_scored": scored_text, "object_patch_recall": covered / object_total,
+        "object_patches": object_total,
+    }  # fmt: skip
+
+
+def load_for_eval(model_dir: Optional[str]):
+    from .export import load_local
+
+    if model_dir is None:
+        raise FileNotFoundError("no trained model ships in the package yet: pass --model DIR")
+    return load_local(model_dir, dtype=torch.float32)
