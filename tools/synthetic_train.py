@@ -33,14 +33,15 @@ def synthetic_processor() -> DynamicLlavaProcessor:
     return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH)
 
 
-def synthetic_config(tokenizer) -> DynamicLlavaConfig:
+def synthetic_config(tokenizer, vision_hidden: int = 128, vision_layers: int = 3) -> DynamicLlavaConfig:
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     return DynamicLlavaConfig(
         text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=64),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
+                           projection_dim=vision_hidden),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
         sparse_layer=2, vision_keep_rate=0.2, output_text_keep_rate=0.5, output_text_len_for_training=50,
         predictor_d_model=32, predictor_nhead=2, predictor_dim_feedforward=64, predictor_num_layers=1,
