@@ -235,7 +235,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             hidden, d, config.predictor_nhead, config.predictor_dim_feedforward, config.predictor_num_layers
         )
         self.output_text_score_predictor = OutputTextScorePredictor(hidden, d)
-        # Gumbel-softmax temperature while training (GumbelTemperatureCallback sets 0.1 ** (step / max_steps))
+        # Gumbel-softmax temperature while training (tools.train.GumbelTemperatureCallback: 0.1 ** (step / max_steps))
         self.gumbel_tau = 1.0
         self.gumbel_noise = True
         self.post_init()

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 
 TRAINING_ATTENTION = "dynamic_llava_training"
 EPS = 1e-6
@@ -125,12 +124,3 @@ def predictor_parameter_groups(model, predictor_lr: float = 2e-4, lr: float = 5e
     if rest:
         groups.append({"params": rest, "lr": lr, "weight_decay": 0.0})
     return groups
-
-
-class GumbelTemperatureCallback(TrainerCallback):
-    """Sets `model.gumbel_tau = 0.1 ** (step / max_steps)` before every optimizer step (stock Trainer)."""
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            target = model.module if hasattr(model, "module") else model
-            target.gumbel_tau = temperature(state.global_step, state.max_steps)

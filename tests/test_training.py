@@ -6,13 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dynamic_llava.sparse_training import (
-    TRAINING_ATTENTION,
-    GumbelTemperatureCallback,
-    predictor_parameter_groups,
-    straight_through_keep,
-    temperature,
-)
+from dynamic_llava.sparse_training import TRAINING_ATTENTION, predictor_parameter_groups, straight_through_keep, temperature
+from dynamic_llava.tools.train import GumbelTemperatureCallback
 from dynamic_llava.tools.data import LlavaConversationDataset, collate
 from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
 from test_hub import tiny_processor

@@ -14,9 +14,20 @@ from pathlib import Path
 
 import torch
 
-from ..sparse_training import GumbelTemperatureCallback, predictor_parameter_groups
+from transformers import TrainerCallback
+
+from ..sparse_training import predictor_parameter_groups, temperature
 from .data import LlavaConversationDataset, collate
 from .export import export_model, load_local
+
+
+class GumbelTemperatureCallback(TrainerCallback):
+    """Sets `model.gumbel_tau = 0.1 ** (step / max_steps)` before every optimizer step (stock Trainer)."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            target = model.module if hasattr(model, "module") else model
+            target.gumbel_tau = temperature(state.global_step, state.max_steps)
 
 
 def _warmup(ratio: float) -> dict:
