@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .modeling_dynamic_llava import DynamicLlavaCausalLMOutput, DynamicLlavaForConditionalGeneration
-from .sparse_cache import DynamicLlavaCache, SparseLayer
+from .sparse_cache import DynamicLlavaCache, SparseLayer, cache_from_output
 
 __all__ = [
     "DynamicLlavaConfig",
@@ -17,6 +17,7 @@ __all__ = [
     "DynamicLlavaCausalLMOutput",
     "DynamicLlavaCache",
     "SparseLayer",
+    "cache_from_output",
 ]
 
 AutoConfig.register("dynamic_llava", DynamicLlavaConfig, exist_ok=True)

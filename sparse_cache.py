@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["SparseLayer", "DynamicLlavaCache"]
+__all__ = ["SparseLayer", "DynamicLlavaCache", "cache_from_output"]
 
 
 def _query_length(query) -> int:
@@ -371,3 +371,12 @@ class DynamicLlavaCache(Cache):
 
 # transformers 4.57's DynamicLayer.crop takes the absolute length to keep; 5.x the (negative) number to remove
 _CROP_ABSOLUTE = "max_length" in DynamicLayer.crop.__code__.co_varnames[:2]
+
+
+def cache_from_output(output):
+    """The cache of a model output or of `generate(..., return_dict_in_generate=True)`: `cache` in transformers
+    5.x, `past_key_values` in 4.57."""
+    for key in ("cache", "past_key_values"):
+        if key in output and output[key] is not None:
+            return output[key]
+    raise ValueError("this output holds no cache; call generate(..., return_dict_in_generate=True) with use_cache")

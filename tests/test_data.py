@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from dynamic_llava.processor import VICUNA_V1_SYSTEM
-from dynamic_llava.tools.data import IGNORE_INDEX, DataError, LlavaConversationDataset, answer_span, collate
+from dynamic_llava.sparse_training import answer_span
+from dynamic_llava.tools.data import IGNORE_INDEX, DataError, LlavaConversationDataset, collate
 from test_hub import tiny_processor
 
 

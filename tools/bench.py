@@ -31,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..modeling_dynamic_llava import CACHE_KEY, DynamicLlavaForConditionalGeneration
+from ..sparse_cache import cache_from_output
+from .hub_folder import parse_dtype
 from .stock import sparsity_disabled, stock_llava
 
 PRESETS = {
@@ -106,10 +108,6 @@ def cache_bytes(cache) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
-
-
-def cache_of(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 @contextlib.contextmanager
@@ -271,7 +269,7 @@ def run_bench(
     seed: int = 0,
     log=print,
 ) -> dict:
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = parse_dtype(dtype) or torch.float32
     if model is None:
         model = preset_model(preset, torch_dtype, device, seed)
     elif isinstance(model, (str, Path)):
@@ -297,8 +295,8 @@ def run_bench(
             ours_out = model(**inputs, logits_to_keep=1)
         with per_layer_flops(stock) as stock_prefill:
             stock(**inputs, logits_to_keep=1)
-    kept_tokens = int(cache_of(ours_out).kept_lengths()[-1].max())
-    vision_kept = sum(int(v.numel()) for v in cache_of(ours_out).kept_vision_indices)
+    kept_tokens = int(cache_from_output(ours_out).kept_lengths()[-1].max())
+    vision_kept = sum(int(v.numel()) for v in cache_from_output(ours_out).kept_vision_indices)
     f_full = stock_prefill["layers"][0]
     f_kept = layer_flops(stock, kept_tokens)
     floor = l * f_full * batch_size + (L - l) * f_kept * batch_size
@@ -332,7 +330,7 @@ def run_bench(
 
     def track(which):
         def hook(module, args, kwargs, output):
-            curve[which].append(cache_bytes(cache_of(output)))
+            curve[which].append(cache_bytes(cache_from_output(output)))
 
         return hook
 
@@ -352,11 +350,11 @@ def run_bench(
     reset_peak_rss()
     stock_gen = decode_run(stock, "stock")
     stock_rss = peak_rss_bytes()
-    ours_cache = cache_of(ours_gen)
+    ours_cache = cache_from_output(ours_gen)
     decisions = torch.cat(ours_cache.output_text_keep)
     results.update(
         output_text_keep_rate=float(decisions.float().mean()) if decisions.numel() else None,
-        kv_bytes_ours=ours_cache.stored_bytes(), kv_bytes_stock=cache_bytes(cache_of(stock_gen)),
+        kv_bytes_ours=ours_cache.stored_bytes(), kv_bytes_stock=cache_bytes(cache_from_output(stock_gen)),
         peak_rss_ours_bytes=ours_rss, peak_rss_stock_bytes=stock_rss,
         kv_bytes_curve=curve,
     )  # fmt: skip

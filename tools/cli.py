@@ -10,6 +10,7 @@ import sys
 def _demo(args) -> int:
     import torch
 
+    from ..sparse_cache import cache_from_output
     from .tiny import calibrate_output_text_bias, tiny_inputs, tiny_model
 
     torch.manual_seed(args.seed)
@@ -17,7 +18,7 @@ def _demo(args) -> int:
     inputs = tiny_inputs([(5, 6, 7, 8, 9)], seed=args.seed)
     calibrate_output_text_bias(model, inputs, max_new_tokens=args.max_new_tokens)
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    cache = cache_from_output(out)
     report = cache.sparsity_report()
     prompt_len = inputs["input_ids"].shape[1]
     print("Dynamic-LLaVA demo: a tiny RANDOM model built locally (no trained weights ship yet).")
@@ -39,12 +40,9 @@ def _demo(args) -> int:
 
 
 def _dtype(name):
-    import torch
+    from .hub_folder import parse_dtype
 
-    table = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"--dtype {name!r} is not one of {sorted(table)}")
-    return table[name]
+    return parse_dtype(name) or "auto"
 
 
 def resolve_model(model: str) -> str:
@@ -72,6 +70,7 @@ def _generate(args) -> int:
     import torch
 
     from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from ..sparse_cache import cache_from_output
     from .export import load_processor
 
     if args.model is None:
@@ -103,7 +102,7 @@ def _generate(args) -> int:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    cache = cache_from_output(out)
     answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(answer.strip())
     print(summary_line(cache, model.config))
@@ -137,9 +136,10 @@ def _convert(args) -> int:
 
 def _export(args) -> int:
     from .export import export_model
+    from .hub_folder import parse_dtype
 
     export_model(args.model_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                 dtype=None if args.dtype == "auto" else _dtype(args.dtype))  # fmt: skip
+                 dtype=parse_dtype(args.dtype))  # fmt: skip
     print(f"wrote {args.out_dir}")
     return 0
 

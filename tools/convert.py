@@ -28,6 +28,7 @@ from .hub_folder import (
     add_auto_map,
     atomic_output_dir,
     hub_key,
+    parse_dtype,
     set_dtype_field,
     write_code_files,
     write_model_config,
@@ -414,7 +415,7 @@ def convert_original_checkpoint(
         set_dtype_field(config, target_dtype or first_dtype)
         write_model_config(config, tmp)
         write_code_files(tmp)
-        _write_generation_config(original, source, config, tmp)
+        _write_generation_config(config, tmp)
         _write_processor(tok, tower_dir, tower_config, config, tmp)
         from .model_card import write_model_card
 
@@ -432,16 +433,13 @@ def convert_original_checkpoint(
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name in (None, "auto"):
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
-    if name not in table:
-        raise ConversionError(f"--dtype {name!r} is not one of {sorted(table)} or auto.")
-    return table[name]
+    try:
+        return parse_dtype(name)
+    except ValueError as error:
+        raise ConversionError(f"--{error}") from error
 
 
-def _write_generation_config(original: dict, source: Path, config, folder: Path) -> None:
+def _write_generation_config(config, folder: Path) -> None:
     from transformers import GenerationConfig
 
     text = config.text_config

@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 from ..processor.processing_dynamic_llava import VICUNA_V1_SYSTEM
-from ..sparse_training import answer_span  # noqa: F401  (the answer span the training masks use)
 
 IGNORE_INDEX = -100
 IMAGE = "<image>"

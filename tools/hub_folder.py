@@ -212,3 +212,16 @@ def set_dtype_field(config, dtype) -> None:
         except AttributeError:
             pass
     config.torch_dtype = name
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """'float16', 'bf16', ... -> torch dtype; None or 'auto' -> None (keep the stored dtype)."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)} or auto")
+    return DTYPES[name]

@@ -8,6 +8,7 @@ Two phases, seeded:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -19,8 +20,10 @@ import torch
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
+from ..sparse_cache import cache_from_output
 from ..sparse_training import predictor_parameter_groups, temperature
 from .data import collate, encode_conversation
+from .stock import sparsity_disabled
 from .synthetic_task import build_tokenizer, is_correct, make_sample, object_patches, vicuna_prompt
 
 IMAGE_SIZE, PATCH = 64, 8
@@ -137,13 +140,10 @@ def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_spa
                        max_new_tokens: int = 64, batch_size: int = 25) -> dict:  # fmt: skip
     """Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall."""
     config = model.config
-    saved = config.use_vision_predictor, config.use_output_text_predictor
-    if no_sparsity:
-        config.use_vision_predictor = config.use_output_text_predictor = False
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     correct = kept_text = scored_text = covered = object_total = kept_vision = vision_total = 0
-    try:
+    with sparsity_disabled(model) if no_sparsity else contextlib.nullcontext():
         for first in range(0, n, batch_size):
             samples = [make_sample(_rng(seed, i), IMAGE_SIZE) for i in range(first, min(n, first + batch_size))]
             prompts = [vicuna_prompt(s["question"]) for s in samples]
@@ -151,7 +151,7 @@ def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_spa
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      return_dict_in_generate=True)  # fmt: skip
-            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            cache = cache_from_output(out)
             texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for row, (sample, text) in enumerate(zip(samples, texts)):
                 correct += is_correct(text, sample)
@@ -165,8 +165,6 @@ def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_spa
                 decisions = cache.output_text_keep[row]
                 kept_text += int(decisions.sum())
                 scored_text += decisions.numel()
-    finally:
-        config.use_vision_predictor, config.use_output_text_predictor = saved
     return {
         "task": "synthetic", "n": n, "seed": seed, "sparsity": not no_sparsity, "accuracy": correct / n,
         "correct": correct, "vision_keep_rate": kept_vision / vision_total,

@@ -6,6 +6,7 @@ import torch
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..sparse_cache import cache_from_output
 
 IMAGE_TOKEN_ID = 127
 VOCAB_SIZE = 128
@@ -119,7 +120,7 @@ def calibrate_output_text_bias(model, inputs: dict, max_new_tokens: int = 30, ro
             head.bias[0] -= shift / 2
             head.bias[1] += shift / 2
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    cache = cache_from_output(out)
     keep = torch.cat(cache.output_text_keep)
     return float(keep.float().mean())
 
