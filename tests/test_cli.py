@@ -6,13 +6,41 @@ import sys
 from dynamic_llava.tools.cli import main
 
 
-def test_demo_prints_ids_kept_tokens_and_bytes(capsys):
-    assert main(["demo", "--max-new-tokens", "12", "--json"]) == 0
+def test_demo_answers_with_the_embedded_model_and_never_overwrites_the_png(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept_patches.png").write_bytes(b"the user's own file")
+    assert main(["demo", "--seed", "3", "--json"]) == 0
     out = capsys.readouterr().out
-    assert "generated ids: [" in out
-    assert "kept vision tokens: [" in out and "(4 of 16)" in out
-    assert "output-text tokens kept:" in out
-    assert "bytes stored vs" in out
+    assert "(correct)" in out, out
+    assert "[sparsity] vision tokens kept 12/64; generated tokens kept " in out
+    assert (tmp_path / "kept_patches.png").read_bytes() == b"the user's own file"
+    with Image.open(tmp_path / "kept_patches-1.png") as picture:
+        assert picture.size == (2 * 256 + 8, 256)
+    assert "wrote kept_patches-1.png" in out
+    assert main(["demo", "--seed", "3", "--save", "kept_patches.png"]) == 0
+    assert (tmp_path / "kept_patches-2.png").exists()
+
+
+def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
+    import random
+
+    from dynamic_llava.tools.synthetic_task import is_correct, make_sample
+
+    sample = make_sample(random.Random(11), 64)
+    path = tmp_path / "shape.png"
+    sample["image"].resize((200, 200)).save(path)  # any size: the processor resizes it
+    question = "What colour is the object?"
+    assert main(["demo", "--image", str(path), "--question", question, "--save", str(tmp_path / "k.png")]) == 0
+    answer = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("answer: "))
+    assert is_correct(answer[len("answer: "):], dict(sample, answer=sample["colour"])), answer
+    assert main(["generate", "--image", str(path), "--prompt", question, "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.lower().startswith(sample["colour"]), captured.out
+    assert "embedded demo model" in captured.err
+    assert main(["demo", "--image", str(tmp_path / "nope.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

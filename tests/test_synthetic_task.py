@@ -108,6 +108,22 @@ def test_object_visible(seed, image_size):
     assert position_of(x0, y0, image_size) == position_of(x1 - 1, y1 - 1, image_size) == sample["position"]
 
 
+@pytest.mark.parametrize("seed", SEEDS[:10])
+def test_background_image_is_the_image_without_the_object(seed):
+    plain = make_sample(random.Random(seed))
+    sample = make_sample(random.Random(seed), with_background=True)
+    # the same draws either way: the same sample, plus the object-free image
+    assert np.array_equal(np.asarray(plain["image"]), np.asarray(sample["image"]))
+    assert {k: v for k, v in plain.items() if k != "image"} == {
+        k: v for k, v in sample.items() if k not in ("image", "background_image")}
+    image, background = np.asarray(sample["image"]), np.asarray(sample["background_image"])
+    x0, y0, x1, y1 = sample["object_box"]
+    inside = np.zeros(image.shape[:2], bool)
+    inside[y0:y1, x0:x1] = True
+    assert np.array_equal(image[~inside], background[~inside])
+    assert (np.abs(image[inside].astype(int) - background[inside]).max(axis=-1) > 40).mean() > 0.3
+
+
 @pytest.mark.parametrize("patch_size", [8, 16])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_object_patches_cover_box(seed, patch_size):

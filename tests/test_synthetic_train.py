@@ -2,15 +2,20 @@
 
 import json
 
+import pytest
+
 from dynamic_llava.tools.cli import main
+from dynamic_llava.tools.tiny import calibrate_output_text_bias, tiny_inputs, tiny_model
 
 
 def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
     out = tmp_path / "model"
-    assert main(["train-synthetic", "--out", str(out), "--dense-steps", "3", "--sparse-steps", "2",
-                 "--batch-size", "4"]) == 0  # fmt: skip
+    assert main(["train-synthetic", "--out", str(out), "--vision-steps", "2", "--dense-steps", "3",
+                 "--sparse-steps", "2", "--batch-size", "4", "--calibration-samples", "4"]) == 0  # fmt: skip
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
-    capsys.readouterr()
+    log = capsys.readouterr().out
+    for phase in ("[vision ", "[dense ", "[sparse ", "[calibrate] output-text keep rate"):
+        assert phase in log
     assert main(["evaluate", "--task", "synthetic", "--n", "6", "--seed", "7", "--model", str(out),
                  "--max-new-tokens", "8"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -20,5 +25,27 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
     assert main(["evaluate", "--n", "3", "--model", str(out), "--no-sparsity", "--max-new-tokens", "4"]) == 0
     dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert dense["vision_keep_rate"] == 1.0 and dense["sparsity"] is False
-    assert main(["evaluate", "--n", "3"]) == 2  # no model ships yet: a clear error
-    assert "--model" in capsys.readouterr().err
+    assert main(["evaluate", "--n", "3", "--model", str(tmp_path / "missing")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_embedded_model_answers_fresh_questions(capsys):
+    """The shipped model (the default of evaluate), on 24 questions of a seed it was never evaluated on."""
+    assert main(["evaluate", "--n", "24", "--seed", "2024"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["sparsity"] is True and result["n"] == 24
+    assert result["accuracy"] >= 0.85, result
+    assert abs(result["vision_keep_rate"] - 12 / 64) < 1e-9
+    assert abs(result["output_text_keep_rate"] - 0.5) <= 0.15, result
+    assert result["object_patch_recall"] >= 0.7, result
+
+
+@pytest.mark.parametrize("keep_rate", [0.3, 0.5, 0.7])
+def test_output_text_calibration_meets_the_rate(keep_rate):
+    """Phase 3's threshold shift: greedy answers afterwards keep about `keep_rate` of their generated tokens."""
+    model = tiny_model(seed=3)
+    inputs = tiny_inputs([(5, 6, 7, 8, 9), (9, 8, 7)], seed=1)
+    kept = calibrate_output_text_bias(model, inputs, max_new_tokens=40, keep_rate=keep_rate)
+    assert abs(kept - keep_rate) <= 0.1, kept
+    with pytest.raises(ValueError, match="keep_rate"):
+        calibrate_output_text_bias(model, inputs, keep_rate=1.0)

@@ -34,6 +34,7 @@ from ..modeling_dynamic_llava import CACHE_KEY, DynamicLlavaForConditionalGenera
 from ..sparse_cache import cache_from_output
 from .hub_folder import parse_dtype
 from .stock import sparsity_disabled, stock_llava
+from .tiny import calibrate_output_text_bias
 
 PRESETS = {
     # LLaVA-1.5 proportions at a size 2 CPU cores run in minutes: 576 image tokens, 32 layers, sparse_layer 2,
@@ -228,23 +229,6 @@ def peak_rss_bytes() -> Optional[int]:
     return None
 
 
-def calibrate(model, inputs, new_tokens: int, rounds: int = 3, seed: int = 0) -> None:
-    """Shift the output-text predictor's last bias so the median margin logit0 - logit1 is 0 (documented above)."""
-    head = model.output_text_score_predictor.output_mlp[-1]
-    for _ in range(rounds):
-        margins = []
-        hook = head.register_forward_hook(lambda m, a, out: margins.append((out[..., 0] - out[..., 1]).flatten().float()))
-        try:
-            torch.manual_seed(seed)
-            generate(model, inputs, new_tokens)
-        finally:
-            hook.remove()
-        median = torch.cat(margins).median()
-        with torch.no_grad():
-            head.bias[0] -= (median / 2).to(head.bias.dtype)
-            head.bias[1] += (median / 2).to(head.bias.dtype)
-
-
 def generate(model, inputs, new_tokens: int, **kwargs):
     return model.generate(
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0,
@@ -284,7 +268,8 @@ def run_bench(
     prompt_len = inputs["input_ids"].shape[1]
     log(f"[bench] model: {L} layers, hidden {text.hidden_size}, {config.image_seq_length} image tokens, prompt "
         f"{prompt_len} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on {device}")  # fmt: skip
-    calibrate(model, bench_inputs(model, 1, seed + 1), min(new_tokens, 128), seed=seed)
+    calibrate_output_text_bias(model, bench_inputs(model, 1, seed + 1), max_new_tokens=min(new_tokens, 128),
+                               seed=seed, min_new_tokens=min(new_tokens, 128), do_sample=True, top_k=0)  # fmt: skip
     results: dict = {"machine": platform_summary(device), "preset": preset if isinstance(preset, str) else None,
                      "batch_size": batch_size, "new_tokens": new_tokens, "dtype": dtype, "prompt_tokens": prompt_len,
                      "num_layers": L, "sparse_layer": l}  # fmt: skip

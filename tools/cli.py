@@ -8,35 +8,65 @@ import sys
 
 
 def _demo(args) -> int:
+    import random
+
     import torch
+    from PIL import Image
 
     from ..sparse_cache import cache_from_output
-    from .tiny import calibrate_output_text_bias, tiny_inputs, tiny_model
+    from .kept_patches import kept_patches_image, save_png
+    from .synthetic_task import is_correct, make_sample, vicuna_prompt
+    from .synthetic_train import DEMO_MODEL, IMAGE_SIZE, load_for_eval
 
-    torch.manual_seed(args.seed)
-    model = tiny_model(args.seed)
-    inputs = tiny_inputs([(5, 6, 7, 8, 9)], seed=args.seed)
-    calibrate_output_text_bias(model, inputs, max_new_tokens=args.max_new_tokens)
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    model, processor = load_for_eval(None)
+    sample = make_sample(random.Random(args.seed), IMAGE_SIZE)
+    if args.image:
+        image = _open_image(args.image)
+    else:
+        image = sample["image"]
+    question = args.question or sample["question"]
+    if not question.strip():
+        raise ValueError("--question is empty; ask about the colour, kind or position of the shape")
+    inputs = processor(images=image, text=vicuna_prompt(question), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
     cache = cache_from_output(out)
-    report = cache.sparsity_report()
-    prompt_len = inputs["input_ids"].shape[1]
-    print("Dynamic-LLaVA demo: a tiny RANDOM model built locally (no trained weights ship yet).")
-    print(f"prompt: {prompt_len} tokens, of which 16 image tokens; sparse_layer={model.config.sparse_layer}")
-    print(f"generated ids: {out.sequences[0, prompt_len:].tolist()}")
-    print(f"kept vision tokens: {cache.kept_vision_indices[0].tolist()} ({report['vision_tokens_kept'][0][0]} of 16)")
-    print(
-        f"output-text tokens kept: {report['output_text_kept'][0]} of {report['output_text_scored'][0]} "
-        f"(keep ratio {report['output_text_keep_rate']:.2f}; the random predictor's bias was shifted toward 0.5)"
-    )
-    print(f"entries per layer: {report['kept_lengths']}")
-    print(
-        f"KV cache: {report['stored_bytes']} bytes stored vs {report['dense_bytes']} bytes in a dense cache "
-        f"(ratio {report['kv_bytes_ratio']:.3f})"
-    )
+    answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    kept = cache.kept_vision_indices[0]
+    kept = (kept if isinstance(kept, torch.Tensor) else kept[0]).tolist()
+    print(f"Dynamic-LLaVA demo: the embedded model ({DEMO_MODEL.name}), trained on this CPU on the synthetic shapes task")
+    print(f"image: {args.image or f'synthetic sample, seed {args.seed}'}")
+    print(f"question: {question}")
+    print(f"answer: {answer}")
+    if not args.image and not args.question:
+        verdict = "correct" if is_correct(answer, sample) else "WRONG"
+        print(f"expected: {sample['answer']} ({verdict})")
+    print(summary_line(cache, model.config))
+    print(f"kept vision patches (row-major, 8 x 8 grid): {kept}")
+    # what the vision tower saw, back from pixel_values
+    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+    pixels = ((inputs["pixel_values"][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    path = save_png(kept_patches_image(Image.fromarray(pixels, "RGB"), kept, grid), args.save)
+    print(f"wrote {path} (left: the input; right: dropped patches darkened, kept ones outlined)")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(cache.sparsity_report()))
     return 0
+
+
+def _open_image(path: str):
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"image {path!r} does not exist; pass an image file")
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{path!r} is not an image PIL can read (PNG, JPEG, ...)") from None
 
 
 def _dtype(name):
@@ -73,14 +103,17 @@ def _generate(args) -> int:
     from ..sparse_cache import cache_from_output
     from .export import load_processor
 
-    if args.model is None:
-        raise ValueError("--model is required (no trained model ships inside the package yet): a folder or Hub id")
     if not args.prompt or not args.prompt.strip():
         raise ValueError("--prompt is empty; ask a question about the image")
     from pathlib import Path
 
     if not args.image.startswith(("http://", "https://")) and not Path(args.image).expanduser().is_file():
         raise FileNotFoundError(f"image {args.image!r} does not exist; pass an image file path or an http(s) URL")
+    if args.model is None:
+        from .synthetic_train import DEMO_MODEL
+
+        print("[model] none given: the embedded demo model, which only knows the synthetic shapes task", file=sys.stderr)
+        args.model = str(DEMO_MODEL)
     folder = resolve_model(args.model)
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
@@ -186,8 +219,9 @@ def _evaluate(args) -> int:
 def _train_synthetic(args) -> int:
     from .synthetic_train import train_synthetic
 
-    folder = train_synthetic(args.out, dense_steps=args.dense_steps, sparse_steps=args.sparse_steps,
-                             batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    folder = train_synthetic(args.out, vision_steps=args.vision_steps, dense_steps=args.dense_steps, sparse_steps=args.sparse_steps,
+                             batch_size=args.batch_size, seed=args.seed,
+                             calibration_samples=args.calibration_samples)  # fmt: skip
     print(f"trained model written to {folder}")
     return 0
 
@@ -195,14 +229,18 @@ def _train_synthetic(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate with a tiny local model and print what was kept")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo = sub.add_parser("demo", help="answer a question with the embedded trained model and draw the kept patches")
+    demo.add_argument("--seed", type=int, default=0, help="which synthetic sample to ask about")
+    demo.add_argument("--image", help="your own image instead (the model only knows the synthetic shapes)")
+    demo.add_argument("--question", help="default: the synthetic sample's question")
+    demo.add_argument("--save", default="kept_patches.png", help="PNG path; an existing file is never replaced")
+    demo.add_argument("--max-new-tokens", type=int, default=80)
     demo.add_argument("--json", action="store_true", help="also print the sparsity report as JSON")
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="answer a question about an image and print what was kept")
-    gen.add_argument("--model", help="folder or Hub id of a converted/exported Dynamic-LLaVA")
+    gen.add_argument("--model", help="folder or Hub id of a converted/exported Dynamic-LLaVA (default: the embedded "
+                     "demo model, trained on the synthetic shapes task)")
     gen.add_argument("--image", required=True, help="image path or URL")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -264,15 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", default="synthetic")
     ev.add_argument("--n", type=int, default=500)
     ev.add_argument("--seed", type=int, default=12345)
-    ev.add_argument("--model", default=None, help="a Dynamic-LLaVA folder trained on the synthetic task")
+    ev.add_argument("--model", default=None, help="a folder trained on the synthetic task (default: the embedded one)")
     ev.add_argument("--no-sparsity", action="store_true")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.set_defaults(func=_evaluate)
 
     ts = sub.add_parser("train-synthetic", help="train a small Dynamic-LLaVA from scratch on the synthetic task")
     ts.add_argument("--out", required=True)
-    ts.add_argument("--dense-steps", type=int, default=4000)
-    ts.add_argument("--sparse-steps", type=int, default=1500)
+    ts.add_argument("--vision-steps", type=int, default=4000, help="phase 0: the vision tower alone (batch 32)")
+    ts.add_argument("--dense-steps", type=int, default=3000, help="phase 1: LM and projector, sparsification off")
+    ts.add_argument("--sparse-steps", type=int, default=2000, help="phase 2: the predictors (Gumbel masks)")
+    ts.add_argument("--calibration-samples", type=int, default=100,
+                    help="phase 3: prompts whose greedy answers set the output-text threshold")
     ts.add_argument("--batch-size", type=int, default=16)
     ts.add_argument("--seed", type=int, default=0)
     ts.set_defaults(func=_train_synthetic)

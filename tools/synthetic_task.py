@@ -82,6 +82,8 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
 MIN_ANSWER_WORDS = 60
+# The object's side is drawn from [MIN_FILL, 1] x the largest side that fits inside its grid cell.
+MIN_FILL = 0.7
 
 # Descriptive sentences of the answer text; fields: colour, shape, position, texture, area (a size word).
 _DESCRIPTION = (
@@ -204,13 +206,14 @@ def _answer_text(answer: str, colour: str, shape: str, position: str, texture: s
     return " ".join(sentences)
 
 
-def make_sample(rng: random.Random, image_size: int = 64) -> dict:
+def make_sample(rng: random.Random, image_size: int = 64, with_background: bool = False) -> dict:
     """One sample drawn from `rng` (deterministic given its state).
 
     Returns a dict with `image` (PIL RGB, image_size x image_size), `question`, `question_type` (one of
     `QUESTION_TYPES`), `answer` (the colour / shape / position name), `answer_text` (the answer, a full stop and
     descriptive filler; >= `MIN_ANSWER_WORDS` words), `colour`, `shape`, `position`, `texture`, and `object_box`
-    (x0, y0, x1, y1 pixel box of the object, x1 / y1 exclusive, as PIL's `getbbox`).
+    (x0, y0, x1, y1 pixel box of the object, x1 / y1 exclusive, as PIL's `getbbox`). With `with_background`, also
+    `background_image`: the same image without the object (the same draws from `rng` either way).
     """
     if image_size < 24:
         raise ValueError(f"image_size must be at least 24, got {image_size}")
@@ -226,7 +229,7 @@ def make_sample(rng: random.Random, image_size: int = 64) -> dict:
     cell_w, cell_h = cx1 - cx0, cy1 - cy0
     margin = 1
     max_side = min(cell_w, cell_h) - 2 * margin
-    side = rng.randint(max(6, round(max_side * 0.5)), max_side)
+    side = rng.randint(max(6, round(max_side * MIN_FILL)), max_side)
     x0 = rng.randint(cx0 + margin, cx1 - margin - side)
     y0 = rng.randint(cy0 + margin, cy1 - margin - side)
     mask = _shape_mask(shape, image_size, (x0, y0, x0 + side - 1, y0 + side - 1))
@@ -234,13 +237,14 @@ def make_sample(rng: random.Random, image_size: int = 64) -> dict:
     assert box is not None
 
     pixels = _background(np_rng, image_size, texture)
+    background = Image.fromarray(pixels.copy(), "RGB") if with_background else None
     pixels[np.asarray(mask) > 0] = COLOURS[colour]
     image = Image.fromarray(pixels, "RGB")
 
     position = POSITIONS[cell]
     answer = {"colour": colour, "kind": shape, "position": position}[question_type]
     area = _AREA_WORDS[0 if side < 0.65 * max_side else 1 if side < 0.85 * max_side else 2]
-    return {
+    sample = {
         "image": image,
         "question": question,
         "question_type": question_type,
@@ -253,6 +257,9 @@ def make_sample(rng: random.Random, image_size: int = 64) -> dict:
         "object_box": tuple(int(v) for v in box),
         "image_size": image_size,
     }
+    if with_background:
+        sample["background_image"] = background
+    return sample
 
 
 def tokenize_words(text: str) -> List[str]:

@@ -1,9 +1,13 @@
 """Train a small Dynamic-LLaVA from scratch on the synthetic visual task (tools/synthetic_task.py), on CPU, and
 evaluate it: accuracy, keep rates, and whether the kept vision tokens cover the object.
 
-Two phases, seeded:
-1. dense: the whole model (vision tower included) learns the task with sparsification off;
-2. sparse: the predictors learn (Gumbel straight-through masks, budget loss) while the rest adapts at a low rate.
+Four phases, seeded:
+0. vision: the CLIP tower alone learns the image attributes (kind, colour, position) from every patch that covers the
+   object, and to keep the other patches blind to the object, the way LLaVA starts from a pretrained CLIP rather
+   than learning vision through the language loss;
+1. dense: the language model and projector learn the task with sparsification off (the tower frozen from here on);
+2. sparse: the predictors learn (Gumbel straight-through masks, budget loss) while the rest adapts at a low rate;
+3. calibrate: the output-text predictor's bias is shifted so the inference threshold meets the keep-rate target.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from ..sparse_cache import cache_from_output
 from ..sparse_training import predictor_parameter_groups, temperature
 from .data import collate, encode_conversation
 from .stock import sparsity_disabled
-from .synthetic_task import build_tokenizer, is_correct, make_sample, object_patches, vicuna_prompt
+from .tiny import calibrate_output_text_bias
+from .synthetic_task import COLOURS, POSITIONS, SHAPES, build_tokenizer, is_correct, make_sample, object_patches
+from .synthetic_task import vicuna_prompt
 
 IMAGE_SIZE, PATCH = 64, 8
+# The model `dynamic-llava train-synthetic` trained, shipped inside the package (weights, config, processor files).
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
 def synthetic_processor() -> DynamicLlavaProcessor:
@@ -36,7 +44,7 @@ def synthetic_processor() -> DynamicLlavaProcessor:
     return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH)
 
 
-def synthetic_config(tokenizer, vision_hidden: int = 128, vision_layers: int = 3) -> DynamicLlavaConfig:
+def synthetic_config(tokenizer, vision_hidden: int = 128, vision_layers: int = 4) -> DynamicLlavaConfig:
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     return DynamicLlavaConfig(
         text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -45,7 +53,7 @@ def synthetic_config(tokenizer, vision_hidden: int = 128, vision_layers: int = 3
         vision_config=dict(model_type="clip_vision_model", hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                            num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
                            projection_dim=vision_hidden),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        vision_feature_layer=-1, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
         sparse_layer=2, vision_keep_rate=0.2, output_text_keep_rate=0.5, output_text_len_for_training=50,
         predictor_d_model=32, predictor_nhead=2, predictor_dim_feedforward=64, predictor_num_layers=1,
         pad_token_id=tokenizer.pad_token_id,
@@ -84,8 +92,59 @@ def _cosine(optimizer, steps: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_synthetic(out: str, dense_steps: int = 1500, sparse_steps: int = 500, batch_size: int = 16,
-                    seed: int = 0, log=print) -> Path:  # fmt: skip
+def pretrain_vision_tower(model, processor, steps: int, batch_size: int = 32, seed: int = 0, lr: float = 2e-3,
+                          log=print) -> None:  # fmt: skip
+    """Phase 0: train `model`'s vision tower to tell kind, colour and position from each patch covering the object,
+    and to keep every other patch blind to the object.
+
+    Three linear heads (discarded afterwards) read the features the projector will see (`vision_feature_layer`,
+    without the class token) at the object's patches only: (sum of object patches over the batch, hidden) -> logits.
+    A locality term pulls the features of the patches outside the object's box towards the features of the same
+    image without the object (relative squared error, the object-free side detached): without it the tower's global
+    attention copies the object into the background patches, the language model reads it there, and the image
+    predictor has no reason to keep the object. Samples come from their own stream (seed + 99991).
+    """
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    hidden = tower.config.hidden_size
+    heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in (len(SHAPES), len(COLOURS), len(POSITIONS)))
+    colours = sorted(COLOURS)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
+    schedule = _cosine(optimizer, steps, warmup=0.05)
+    tower.train()
+    start = time.time()
+    for step in range(steps):
+        samples = [make_sample(_rng(seed + 99991, step * batch_size + i), IMAGE_SIZE, with_background=True)
+                   for i in range(batch_size)]  # fmt: skip
+        pixels = processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+        features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # no class token
+        with torch.no_grad():
+            empty = processor.image_processor([s["background_image"] for s in samples], return_tensors="pt")["pixel_values"]
+            empty = tower(pixel_values=empty, output_hidden_states=True).hidden_states[layer][:, 1:]
+        rows, patches = [], []
+        outside = torch.ones(features.shape[:2], dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            covered = object_patches(sample["object_box"], IMAGE_SIZE, PATCH)
+            rows += [row] * len(covered)
+            patches += covered
+            outside[row, covered] = False
+        rows = torch.tensor(rows)
+        picked = features[rows, torch.tensor(patches)]
+        targets = [[SHAPES.index(s["shape"]) for s in samples], [colours.index(s["colour"]) for s in samples],
+                   [POSITIONS.index(s["position"]) for s in samples]]  # fmt: skip
+        losses = [torch.nn.functional.cross_entropy(head(picked), torch.tensor(t)[rows]) for head, t in zip(heads, targets)]
+        locality = (features[outside] - empty[outside]).pow(2).mean() / empty[outside].pow(2).mean().clamp(min=1e-6)
+        optimizer.zero_grad()
+        (sum(losses) + locality).backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"[vision {step}/{steps}] loss kind {losses[0].item():.3f} colour {losses[1].item():.3f} position "
+                f"{losses[2].item():.3f} locality {locality.item():.4f} ({time.time() - start:.0f}s)")  # fmt: skip
+
+
+def train_synthetic(out: str, vision_steps: int = 4000, dense_steps: int = 3000, sparse_steps: int = 2000,
+                    batch_size: int = 16, seed: int = 0, calibration_samples: int = 100, log=print) -> Path:  # fmt: skip
     """Train from scratch (seeded, reproducible on one machine) and export a Hub-ready folder to `out`."""
     from .export import export_model
 
@@ -98,16 +157,20 @@ def train_synthetic(out: str, dense_steps: int = 1500, sparse_steps: int = 500, 
     batches = _batches(processor, config, seed, batch_size)
     start = time.time()
 
-    # phase 1: dense, everything trainable
+    # phase 0: the vision tower alone
+    pretrain_vision_tower(model, processor, vision_steps, seed=seed, log=log)
+
+    # phase 1: dense, the language model and projector learn the task; the pretrained tower stays frozen from here on
     config.use_vision_predictor = config.use_output_text_predictor = False
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     schedule = _cosine(optimizer, dense_steps, warmup=0.05)
     for step in range(dense_steps):
         loss = model(**next(batches)).loss
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == dense_steps - 1:
@@ -128,12 +191,35 @@ def train_synthetic(out: str, dense_steps: int = 1500, sparse_steps: int = 500, 
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == sparse_steps - 1:
+            text_keep = out_.output_text_keep_ratio  # None when no row had a long enough answer
+            text_keep = float(text_keep.detach()) if text_keep is not None else float("nan")
             log(f"[sparse {step}/{sparse_steps}] loss {out_.loss.item():.3f} ce {out_.ce_loss.item():.3f} vision keep "
-                f"{float(out_.vision_keep_ratio):.2f} text keep {float(out_.output_text_keep_ratio or 0):.2f} "
-                f"({time.time() - start:.0f}s)")  # fmt: skip
+                f"{float(out_.vision_keep_ratio.detach()):.2f} text keep {text_keep:.2f} ({time.time() - start:.0f}s)")  # fmt: skip
     model.eval()
     model.requires_grad_(True)
+
+    # phase 3: calibrate the output-text threshold on fresh prompts of the training stream
+    first = (dense_steps + sparse_steps) * batch_size
+    keep = calibrate_output_text_threshold(model, processor, [make_sample(_rng(seed, first + i), IMAGE_SIZE)
+                                                              for i in range(calibration_samples)])  # fmt: skip
+    log(f"[calibrate] output-text keep rate {keep:.3f} on {calibration_samples} training-stream prompts "
+        f"(target {config.output_text_keep_rate}) ({time.time() - start:.0f}s)")
     return export_model(model, out, processor=processor, overwrite=True)
+
+
+def calibrate_output_text_threshold(model, processor, samples: list, max_new_tokens: int = 64) -> float:
+    """
+    Shift the output-text predictor's keep/drop bias so that greedy answers to `samples` keep
+    `config.output_text_keep_rate` of their generated tokens. Training meets the rate in expectation over Gumbel
+    noise; a trained predictor is undecided about part of the filler (keep probability ~0.6-0.8), and the fixed
+    inference threshold keeps all of those. Returns the keep rate after the shift.
+    """
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[s["image"] for s in samples], text=[vicuna_prompt(s["question"]) for s in samples],
+                       return_tensors="pt", padding=True)  # fmt: skip
+    with torch.no_grad():
+        return calibrate_output_text_bias(model, inputs, max_new_tokens=max_new_tokens,
+                                          keep_rate=model.config.output_text_keep_rate)  # fmt: skip
 
 
 def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_sparsity: bool = False,
@@ -175,8 +261,15 @@ def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_spa
 
 
 def load_for_eval(model_dir: Optional[str]):
+    """(model, processor) of `model_dir`, or of the embedded demo model when it is None."""
     from .export import load_local
 
     if model_dir is None:
-        raise FileNotFoundError("no trained model ships in the package yet: pass --model DIR")
-    return load_local(model_dir, dtype=torch.float32)
+        if not (DEMO_MODEL / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the embedded demo model is missing from {DEMO_MODEL}; reinstall the package "
+                                    "or pass --model DIR")  # fmt: skip
+        model_dir = str(DEMO_MODEL)
+    model, processor = load_local(model_dir, dtype=torch.float32)
+    if processor is None:
+        raise ValueError(f"{model_dir} has no tokenizer/processor files; pass a folder written by train-synthetic")
+    return model.eval(), processor

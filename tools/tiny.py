@@ -1,6 +1,8 @@
-"""Tiny random Dynamic-LLaVA models, built locally (tests, `dynamic-llava demo`)."""
+"""Tiny random Dynamic-LLaVA models, built locally (tests), and the output-text threshold calibration."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -97,30 +99,43 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", suppress_eos: b
     return model.eval()
 
 
-def calibrate_output_text_bias(model, inputs: dict, max_new_tokens: int = 30, rounds: int = 3) -> float:
+def calibrate_output_text_bias(model, inputs: dict, max_new_tokens: int = 30, rounds: int = 3,
+                               seed: Optional[int] = None, keep_rate: float = 0.5, **generate_kwargs) -> float:  # fmt: skip
     """
-    Shift the last bias of the output-text predictor so that about half of the generated tokens are kept
-    (median margin `logit0 - logit1` -> 0), as a trained predictor does at `output_text_keep_rate` 0.5.
-    Random weights otherwise keep all or none. Returns the observed keep rate of a final greedy run.
+    Shift the last bias of the output-text predictor so that a `keep_rate` share of the generated tokens is kept
+    (the margin `logit0 - logit1` at that quantile -> 0). Random weights otherwise keep all or none; a trained
+    predictor keeps more than its training rate at inference, where the Gumbel coin flips of the tokens it is
+    indifferent about become a fixed threshold. Each round generates from `inputs` with `generate_kwargs` (greedy by
+    default; `seed` reseeds torch before each run, for sampling). Returns the keep rate of a final run.
     """
+    if not 0.0 < keep_rate < 1.0:
+        raise ValueError(f"keep_rate must be in (0, 1), got {keep_rate}")
+    generate_kwargs.setdefault("do_sample", False)
     head = model.output_text_score_predictor.output_mlp[-1]
+
+    def run(**extra):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs, **extra)
+
     for _ in range(rounds):
         margins = []
-        hook = head.register_forward_hook(lambda mod, args, out: margins.append((out[..., 0] - out[..., 1]).flatten()))
+        hook = head.register_forward_hook(
+            lambda mod, args, out: margins.append((out[..., 0] - out[..., 1]).flatten().float())
+        )
         try:
-            model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            run()
         finally:
             hook.remove()
-        # shift to the midpoint of the two margins around the median: about half kept, and no margin left
-        # at the threshold itself (a decision at margin ~0 would flip with float noise)
+        # shift to the midpoint of the two margins around the quantile: a keep_rate share kept, and no margin
+        # left at the threshold itself (a decision at margin ~0 would flip with float noise)
         ordered = torch.cat(margins).sort().values
-        middle = ordered.numel() // 2
+        middle = min(max(1, int(ordered.numel() * (1.0 - keep_rate))), ordered.numel() - 1)
         shift = (ordered[middle - 1] + ordered[middle]) / 2 if ordered.numel() > 1 else ordered[0]
         with torch.no_grad():
-            head.bias[0] -= shift / 2
-            head.bias[1] += shift / 2
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    cache = cache_from_output(out)
+            head.bias[0] -= (shift / 2).to(head.bias.dtype)
+            head.bias[1] += (shift / 2).to(head.bias.dtype)
+    cache = cache_from_output(run(return_dict_in_generate=True))
     keep = torch.cat(cache.output_text_keep)
     return float(keep.float().mean())
 
