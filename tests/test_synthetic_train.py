@@ -3,19 +3,25 @@
 import json
 
 import pytest
+import torch
 
 from dynamic_llava.tools.cli import main
 from dynamic_llava.tools.tiny import calibrate_output_text_bias, tiny_inputs, tiny_model
 
 
 def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
-    out = tmp_path / "model"
-    assert main(["train-synthetic", "--out", str(out), "--vision-steps", "2", "--dense-steps", "3",
-                 "--sparse-steps", "2", "--batch-size", "4", "--calibration-samples", "4"]) == 0  # fmt: skip
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "model", tmp_path / "again"
+    for folder in (out, again):  # seeded: a second run gives the same weights
+        assert main(["train-synthetic", "--out", str(folder), "--vision-steps", "2", "--dense-steps", "3",
+                     "--sparse-steps", "2", "--batch-size", "4", "--calibration-samples", "4"]) == 0  # fmt: skip
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
     log = capsys.readouterr().out
     for phase in ("[vision ", "[dense ", "[sparse ", "[calibrate] output-text keep rate"):
         assert phase in log
+    first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert main(["evaluate", "--task", "synthetic", "--n", "6", "--seed", "7", "--model", str(out),
                  "--max-new-tokens", "8"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -34,10 +40,10 @@ def test_embedded_model_answers_fresh_questions(capsys):
     assert main(["evaluate", "--n", "24", "--seed", "2024"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["sparsity"] is True and result["n"] == 24
-    assert result["accuracy"] >= 0.85, result
+    assert result["accuracy"] >= 0.9, result  # the bars; 500 questions of seed 1 are in the README
     assert abs(result["vision_keep_rate"] - 12 / 64) < 1e-9
-    assert abs(result["output_text_keep_rate"] - 0.5) <= 0.15, result
-    assert result["object_patch_recall"] >= 0.7, result
+    assert abs(result["output_text_keep_rate"] - 0.5) <= 0.1, result
+    assert result["object_patch_recall"] >= 0.8, result
 
 
 @pytest.mark.parametrize("keep_rate", [0.3, 0.5, 0.7])
