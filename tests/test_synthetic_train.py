@@ -55,3 +55,26 @@ def test_output_text_calibration_meets_the_rate(keep_rate):
     assert abs(kept - keep_rate) <= 0.1, kept
     with pytest.raises(ValueError, match="keep_rate"):
         calibrate_output_text_bias(model, inputs, keep_rate=1.0)
+
+
+def test_synthetic_data_writes_llava_conversations_that_train_reads(tmp_path, capsys):
+    from PIL import Image
+
+    from dynamic_llava.tools.data import LlavaConversationDataset
+    from dynamic_llava.tools.synthetic_train import synthetic_processor
+
+    out = tmp_path / "data"
+    assert main(["synthetic-data", "--out", str(out), "--n", "3", "--seed", "4"]) == 0
+    records = json.loads((out / "data.json").read_text())
+    assert [r["image"] for r in records] == ["0.png", "1.png", "2.png"]
+    for record in records:
+        human, gpt = record["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
+        assert len(gpt["value"].split()) >= 60
+        with Image.open(out / "images" / record["image"]) as image:
+            assert image.size == (64, 64)
+    dataset = LlavaConversationDataset(records, out / "images", synthetic_processor(), image_seq_length=64)
+    assert (dataset[0]["labels"] != -100).sum() > 60
+    before = (out / "data.json").read_bytes()
+    assert main(["synthetic-data", "--out", str(out), "--n", "2"]) == 2  # never overwrites without --overwrite
+    assert "--overwrite" in capsys.readouterr().err and (out / "data.json").read_bytes() == before

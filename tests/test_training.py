@@ -169,3 +169,37 @@ def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
     bad = argv[:-6] + ["--out", str(tmp_path / "fresh"), "--resume"]
     assert main(bad) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_accelerate_launch_trains_on_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 ... train` runs unchanged (DDP; gloo on this CPU machine)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from dynamic_llava.tools.cli import main
+    from dynamic_llava.tools.synthetic_train import DEMO_MODEL
+
+    assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "16", "--seed", "5"]) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), "-m", "dynamic_llava.tools.cli", "train", "--data", str(tmp_path / "data" / "data.json"),
+               "--images", str(tmp_path / "data" / "images"), "--model", str(DEMO_MODEL), "--out",
+               str(tmp_path / "run"), "--batch-size", "2", "--max-steps", "4", "--save-steps", "4"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained model written to") == 1, done.stdout  # only the main process reports
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(1.0)  # 2 processes x 2 rows x 4 steps = 16
+    from dynamic_llava import DynamicLlavaForConditionalGeneration
+
+    trained = DynamicLlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")
+    before = DynamicLlavaForConditionalGeneration.from_pretrained(DEMO_MODEL)
+    moved = trained.output_text_score_predictor.state_dict()
+    assert any(not torch.equal(v, before.output_text_score_predictor.state_dict()[k]) for k, v in moved.items())

@@ -203,10 +203,14 @@ def layer_flops(stock, tokens: int, keys: Optional[int] = None) -> int:
 
 
 def median_time(fn, repeats: int) -> float:
+    """Median wall time of `fn` over `repeats` calls (CUDA work is waited for, so queued kernels are counted)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

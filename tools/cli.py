@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -198,9 +199,10 @@ def _train(args) -> int:
         batch_size=args.batch_size, grad_accum=args.grad_accum, predictor_lr=args.predictor_lr, lr=args.lr,
         freeze_vision_tower=not args.unfreeze_vision_tower, freeze_projector=args.freeze_projector,
         freeze_llm=args.freeze_llm, save_steps=args.save_steps, logging_steps=args.logging_steps,
-        resume=args.resume, seed=args.seed, max_length=args.max_length,
+        resume=args.resume, seed=args.seed, max_length=args.max_length, precision=args.precision,
     )  # fmt: skip
-    print(f"trained model written to {folder}")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, the main process reports
+        print(f"trained model written to {folder}")
     return 0
 
 
@@ -213,6 +215,14 @@ def _evaluate(args) -> int:
     result = evaluate_synthetic(model, processor, n=args.n, seed=args.seed, no_sparsity=args.no_sparsity,
                                 max_new_tokens=args.max_new_tokens)  # fmt: skip
     print(json.dumps(result))
+    return 0
+
+
+def _synthetic_data(args) -> int:
+    from .synthetic_train import write_synthetic_dataset
+
+    folder = write_synthetic_dataset(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.n} samples: --data {folder / 'data.json'} --images {folder / 'images'}")
     return 0
 
 
@@ -296,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--max-length", type=int, default=2048)
+    tr.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="bf16/fp16: mixed-precision autocast on a GPU (weights stay fp32)")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="answer N fresh synthetic questions; print one JSON line")
@@ -317,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--batch-size", type=int, default=16)
     ts.add_argument("--seed", type=int, default=0)
     ts.set_defaults(func=_train_synthetic)
+
+    sd = sub.add_parser("synthetic-data", help="write synthetic samples as LLaVA conversation JSON and PNGs for train")
+    sd.add_argument("--out", required=True, help="a new folder: OUT/data.json and OUT/images/")
+    sd.add_argument("--n", type=int, default=1000)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    sd.set_defaults(func=_synthetic_data)
 
     exp = sub.add_parser("export", help="write a Hub-ready folder from a saved Dynamic-LLaVA folder")
     exp.add_argument("model_dir")

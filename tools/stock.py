@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 
@@ -16,7 +18,8 @@ def stock_llava(model) -> LlavaForConditionalGeneration:
     impl = model.config.text_config._attn_implementation
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = impl
-    stock = LlavaForConditionalGeneration(config).to(model.dtype).eval()
+    with torch.device(model.device):  # built where the weights are (a 7B model on a GPU is not built on the CPU)
+        stock = LlavaForConditionalGeneration(config).to(model.dtype).eval()
     state = {k: v for k, v in model.state_dict().items() if "score_predictor" not in k}
     stock.load_state_dict(state, strict=True)
     stock.generation_config = model.generation_config

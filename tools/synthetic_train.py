@@ -71,6 +71,31 @@ def encode_sample(sample: dict, processor, image_seq_length: int) -> dict:
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
 
 
+def write_synthetic_dataset(out: str, n: int, seed: int = 0, overwrite: bool = False) -> Path:
+    """
+    Write `n` synthetic samples as LLaVA conversation data: `out/data.json` (the format `dynamic-llava train` reads)
+    and `out/images/{i}.png` (64 x 64). Sample i is the same as sample i of the train-synthetic stream of `seed`.
+    Atomic; a non-empty `out` is refused unless `overwrite`.
+    """
+    import json
+
+    from .hub_folder import atomic_output_dir
+
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "images").mkdir()
+        records = []
+        for index in range(n):
+            sample = make_sample(_rng(seed, index), IMAGE_SIZE)
+            sample["image"].save(tmp / "images" / f"{index}.png")
+            records.append({"id": f"synthetic-{seed}-{index}", "image": f"{index}.png", "conversations": [
+                {"from": "human", "value": "<image>\n" + sample["question"]},
+                {"from": "gpt", "value": sample["answer_text"]}]})  # fmt: skip
+        (tmp / "data.json").write_text(json.dumps(records, indent=1))
+    return Path(out)
+
+
 def _batches(processor, config, seed: int, batch_size: int):
     index = 0
     while True:

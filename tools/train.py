@@ -58,10 +58,19 @@ def train(
     resume: bool = False,
     seed: int = 0,
     max_length: int = 2048,
+    precision: str = "fp32",
     disable_tqdm: bool = False,
 ) -> Path:
+    """
+    Train `model_dir` on `data` and export the result to OUT/model. Runs as one process or, under `accelerate
+    launch` / `torchrun`, as several (DistributedDataParallel through the stock Trainer; only the main process
+    writes the final folder). `precision`: "fp32", or "bf16" / "fp16" autocast (weights stay fp32; the masked
+    softmax and the predictors run in fp32 either way).
+    """
     from transformers import Trainer, TrainingArguments
 
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     model, processor = load_local(model_dir, dtype=torch.float32)
     if processor is None:
         raise ValueError(f"{model_dir} has no tokenizer/processor files; export it with its processor first")
@@ -84,6 +93,8 @@ def train(
         report_to=[],
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         disable_tqdm=disable_tqdm,
     )
     groups = predictor_parameter_groups(model, predictor_lr, lr, freeze_vision_tower, freeze_projector, freeze_llm)
@@ -101,4 +112,8 @@ def train(
     trainer.train(resume_from_checkpoint=True if resume else None)
     model.eval()
     model.requires_grad_(True)
-    return export_model(model, out / "model", processor=processor, overwrite=True)
+    folder = out / "model"
+    if trainer.is_world_process_zero():
+        export_model(model, folder, processor=processor, overwrite=True)
+    trainer.accelerator.wait_for_everyone()  # the other processes return once the folder is written
+    return folder
