@@ -14,6 +14,7 @@ The whole flow (score, select, drop) is `DynamicLlavaForConditionalGeneration.sp
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -38,8 +39,11 @@ __all__ = [
 ]
 
 IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
-# transformers 5 renamed the cache argument and output field `past_key_values` -> `cache`
-CACHE_KEY = "cache" if IS_V5 else "past_key_values"
+# The cache argument and output field: `past_key_values` up to transformers 5.23, `cache` from 5.24.
+CACHE_KEY = "cache" if "cache" in LlavaCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers 4.57's masks and decoder layers take `cache_position` (and the mask `input_embeds`); 5.x derive it.
+_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+NEEDS_CACHE_POSITION = "cache_position" in _MASK_PARAMETERS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     # ---- entry points (explicit signatures: generate() inspects them) ------------------------------------------
 
-    if IS_V5:
+    if CACHE_KEY == "cache":
 
         def forward(
             self,
@@ -672,23 +676,13 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
     def _dense_mask(self, lm, inputs_embeds, attention_mask, position_ids, cache, past_length):
-        if IS_V5:
-            return create_causal_mask(
-                config=lm.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=position_ids,
-            )
-        cache_position = torch.arange(past_length, past_length + inputs_embeds.shape[1], device=inputs_embeds.device)
-        return create_causal_mask(
-            config=lm.config,
-            input_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache_position=cache_position,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
+        embeds_key = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMETERS else "input_embeds"
+        kwargs = {"config": lm.config, embeds_key: inputs_embeds, "attention_mask": attention_mask,
+                  CACHE_KEY: cache, "position_ids": position_ids}  # fmt: skip
+        if NEEDS_CACHE_POSITION:
+            q = inputs_embeds.shape[1]
+            kwargs["cache_position"] = torch.arange(past_length, past_length + q, device=inputs_embeds.device)
+        return create_causal_mask(**kwargs)
 
     @staticmethod
     def _layer_kwargs(mask, position_ids, rope, cache, use_cache, past_length):
@@ -699,7 +693,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             CACHE_KEY: cache if use_cache else None,
             "use_cache": use_cache,
         }
-        if not IS_V5:
+        if NEEDS_CACHE_POSITION:
             q = position_ids.shape[-1]
             kwargs["cache_position"] = torch.arange(past_length, past_length + q, device=position_ids.device)
         return kwargs
@@ -737,11 +731,11 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Build a `DynamicLlavaCache` when the caller passes none; refuse (or swap an empty) plain cache."""
         given = model_kwargs.get(CACHE_KEY)
-        if given is None and IS_V5:
+        if given is None and CACHE_KEY != "past_key_values":
             given = model_kwargs.get("past_key_values")
         if given is not None:
             model_kwargs[CACHE_KEY] = self._check_cache(given)
-            if IS_V5:
+            if CACHE_KEY != "past_key_values":
                 model_kwargs.pop("past_key_values", None)
             return
         if generation_config.use_cache is False:
