@@ -16,7 +16,7 @@ logical (full) length, so `generate()` positions stay right; physical sizes are 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -27,6 +27,32 @@ __all__ = ["SparseLayer", "DynamicLlavaCache", "cache_from_output"]
 def _query_length(query) -> int:
     # transformers 4.57 passes `cache_position` (a tensor), 5.x the query length (an int)
     return query if isinstance(query, int) else query.shape[0]
+
+
+class StorePlan(NamedTuple):
+    """
+    What one `SparseLayer.update()` does with its chunk; the same for every sparse layer of a call.
+
+    kind: "append" (the whole chunk is stored after full rows), "scatter" (ragged: `dest` places each token) or
+        "none" (nothing stored).
+    dest: `[batch, q]` long slot of each chunk token (`new_len` = not stored), for "scatter".
+    positions: `[batch, new_len]` the slots' positions after the update (-1 empty).
+    old_len: stored slots carried over, for "scatter".
+    """
+
+    kind: str
+    dest: Optional[torch.Tensor]
+    positions: torch.Tensor
+    old_len: int
+
+
+def _scatter_slots(old: torch.Tensor, chunk: torch.Tensor, dest: torch.Tensor, new_len: int, old_len: int):
+    """`old` `[batch, heads, width, dim]` -> `[batch, heads, new_len, dim]` with `chunk`'s tokens at `dest`."""
+    batch, heads, q, dim = chunk.shape
+    out = old.new_zeros((batch, old.shape[1], new_len + 1, old.shape[-1]))
+    out[..., :old_len, :] = old[..., :old_len, :]
+    out.scatter_(-2, dest[:, None, :, None].expand(batch, heads, q, dim), chunk)
+    return out[..., :new_len, :]
 
 
 class SparseLayer(DynamicLayer):
@@ -56,7 +82,8 @@ class SparseLayer(DynamicLayer):
         self.positions = torch.full((batch, 0), -1, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
-    def stage(self, store: torch.Tensor, positions: torch.Tensor, num_new_tokens: int) -> None:
+    def stage(self, store: torch.Tensor, positions: torch.Tensor, num_new_tokens: int,
+              plan: Optional[StorePlan] = None) -> None:  # fmt: skip
         """
         Say what the next `update()` stores.
 
@@ -64,8 +91,33 @@ class SparseLayer(DynamicLayer):
             store: `[batch, q]` bool, True for the chunk tokens whose keys/values enter this layer's cache.
             positions: `[batch, q]` long, original positions of the chunk tokens.
             num_new_tokens: logical tokens this call adds (before any were dropped), for `get_seq_length()`.
+            plan: `plan_store(store, positions)` of a layer with the same stored slots (the container computes it
+                once for all sparse layers); computed here when None.
         """
-        self._staged = (store, positions, num_new_tokens)
+        self._staged = (store, positions, num_new_tokens, plan)
+
+    def plan_store(self, store: torch.Tensor, positions: torch.Tensor) -> StorePlan:
+        """Where each chunk token of `store` goes in this layer's storage (one host sync, for the sizes)."""
+        device = self.positions.device if self.positions is not None else store.device
+        store, positions = store.to(device), positions.to(device)
+        old = self.positions if self.positions is not None else positions.new_full((store.shape[0], 0), -1)
+        counts = (old >= 0).sum(-1)
+        new_counts = counts + store.sum(-1)
+        flags = torch.stack([store.all() & (counts == old.shape[-1]).all(), store.any(),
+                             new_counts.max() if new_counts.numel() else new_counts.new_zeros(())])  # fmt: skip
+        append_all, any_stored, new_len = (int(v) for v in flags.tolist())
+        if append_all:  # every row keeps the whole chunk and has no empty slot: storage is the concatenation
+            return StorePlan("append", None, torch.cat([old, positions], dim=-1), 0)
+        if not any_stored:
+            return StorePlan("none", None, old, 0)
+        # ragged: each row's kept chunk entries go right after its stored ones; one extra slot at the end collects
+        # the entries that are not stored, then is cut off
+        dest = torch.where(store, counts[:, None] + store.cumsum(-1) - 1, torch.full_like(positions, new_len))
+        old_len = min(old.shape[-1], new_len)
+        slots = old.new_full((old.shape[0], new_len + 1), -1)
+        slots[:, :old_len] = old[:, :old_len]
+        slots.scatter_(-1, dest, positions)
+        return StorePlan("scatter", dest, slots[:, :new_len], old_len)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """
@@ -80,47 +132,23 @@ class SparseLayer(DynamicLayer):
                 "SparseLayer.update() was called without a staged keep mask. DynamicLlavaCache is driven by "
                 "DynamicLlavaForConditionalGeneration; other models should use a plain DynamicCache."
             )
-        store, positions, num_new_tokens = self._staged
+        store, positions, num_new_tokens, plan = self._staged
         self._staged = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        store = store.to(self.device)
-        positions = positions.to(self.device)
+        if plan is None:
+            plan = self.plan_store(store, positions)
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.logical_length += num_new_tokens
-
-        counts = self.kept_length()
-        if bool(store.all()) and bool((counts == self.keys.shape[-2]).all()):
-            # every row keeps the whole chunk and has no empty slot: the concatenation is the new storage
+        if plan.kind == "append":
             self.keys, self.values = keys, values
-            self.positions = torch.cat([self.positions, positions], dim=-1)
-        elif bool(store.any()):
-            self._append_ragged(key_states, value_states, store, positions, counts)
+        elif plan.kind == "scatter":
+            dest = plan.dest.to(self.device)
+            self.keys = _scatter_slots(self.keys, key_states, dest, plan.positions.shape[-1], plan.old_len)
+            self.values = _scatter_slots(self.values, value_states, dest, plan.positions.shape[-1], plan.old_len)
+        self.positions = plan.positions.to(self.device)
         return keys, values
-
-    def _append_ragged(self, key_states, value_states, store, positions, counts):
-        """Write each row's kept chunk entries right after its stored ones; storage becomes `batch x max kept`."""
-        batch, heads, q, head_dim = key_states.shape
-        new_counts = counts + store.sum(-1)
-        new_len = int(new_counts.max())
-        old_len = min(self.keys.shape[-2], new_len)
-        # one extra slot at the end collects the entries that are not stored, then is cut off
-        dest = torch.where(store, counts[:, None] + store.cumsum(-1) - 1, torch.full_like(positions, new_len))
-
-        def grow(old, chunk, fill):
-            out = old.new_full((*old.shape[:-2], new_len + 1, old.shape[-1]), fill)
-            out[..., :old_len, :] = old[..., :old_len, :]
-            index = dest[:, None, :, None].expand(batch, chunk.shape[1], q, chunk.shape[-1])
-            out.scatter_(-2, index, chunk)
-            return out[..., :new_len, :]
-
-        self.keys = grow(self.keys, key_states, 0)
-        self.values = grow(self.values, value_states, 0)
-        pos = self.positions.new_full((batch, new_len + 1), -1)
-        pos[:, :old_len] = self.positions[:, :old_len]
-        pos.scatter_(-1, dest, positions)
-        self.positions = pos[:, :new_len]
 
     def kept_length(self) -> torch.Tensor:
         """`[batch]` long: entries stored per row."""
@@ -236,8 +264,10 @@ class DynamicLlavaCache(Cache):
             positions: `[batch, q']` long, their original positions.
             num_new_tokens: q, the logical length of this call's chunk.
         """
-        for layer in self.sparse_layers:
-            layer.stage(store, positions, num_new_tokens)
+        layers = self.sparse_layers
+        plan = layers[0].plan_store(store, positions) if layers else None  # every sparse layer holds the same slots
+        for layer in layers:
+            layer.stage(store, positions, num_new_tokens, plan)
 
     def record_vision(self, kept: list[list[torch.Tensor]]) -> None:
         """Per row, the kept indices of each image seen in this call."""

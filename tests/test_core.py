@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from dynamic_llava import DynamicLlavaCache, DynamicLlavaConfig
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
-from dynamic_llava.tools.tiny import IMAGE_TOKEN_ID, tiny_config, tiny_inputs, tiny_model
+from dynamic_llava.tools.tiny import IMAGE_TOKEN_ID, calibrate_output_text_bias, tiny_config, tiny_inputs, tiny_model
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 
@@ -434,3 +434,39 @@ def test_labels_loss_follows_the_computed_positions(calibrated_model):
     shift_logits, shift_labels = sparse.logits[0, :-1], gathered[1:]
     expected = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
     assert torch.allclose(sparse.loss, expected, atol=1e-6)
+
+
+class _HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts tensor -> Python conversions (each waits for the device on a GPU)."""
+
+    SYNCS = ("__bool__", "item", "tolist", "__int__", "__index__", "__float__", "nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_syncs_per_step_do_not_grow_with_depth():
+    """The sparse layers share one storage plan per call: a few host syncs per forward, whatever the layer count."""
+    counts = {}
+    for layers in (4, 12):
+        model = tiny_model(3, text_config={"num_hidden_layers": layers})
+        inputs = tiny_inputs([(5, 6, 7, 8), (9, 8)], seed=1)
+        calibrate_output_text_bias(model, inputs, max_new_tokens=10)
+        per_call = []
+        with torch.no_grad():
+            with _HostSyncCounter() as counter:
+                out = model(**inputs, use_cache=True)
+            per_call.append(counter.count)
+            for _ in range(4):
+                step = out.logits[:, -1:].argmax(-1)
+                with _HostSyncCounter() as counter:
+                    out = model(input_ids=step, **{CACHE_KEY: out[CACHE_KEY]})
+                per_call.append(counter.count)
+        counts[layers] = per_call
+    assert counts[4] == counts[12], counts
+    assert max(counts[4][1:]) <= 3, counts  # per decode step
