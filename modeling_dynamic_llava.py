@@ -44,6 +44,7 @@ CACHE_KEY = "cache" if "cache" in LlavaCausalLMOutputWithPast.__dataclass_fields
 # transformers 4.57's masks and decoder layers take `cache_position` (and the mask `input_embeds`); 5.x derive it.
 _MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
 NEEDS_CACHE_POSITION = "cache_position" in _MASK_PARAMETERS
+_MASK_EMBEDS_KEY = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMETERS else "input_embeds"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -676,8 +677,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
     def _dense_mask(self, lm, inputs_embeds, attention_mask, position_ids, cache, past_length):
-        embeds_key = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMETERS else "input_embeds"
-        kwargs = {"config": lm.config, embeds_key: inputs_embeds, "attention_mask": attention_mask,
+        kwargs = {"config": lm.config, _MASK_EMBEDS_KEY: inputs_embeds, "attention_mask": attention_mask,
                   CACHE_KEY: cache, "position_ids": position_ids}  # fmt: skip
         if NEEDS_CACHE_POSITION:
             q = inputs_embeds.shape[1]

@@ -17,14 +17,11 @@ def _demo(args) -> int:
     from ..sparse_cache import cache_from_output
     from .kept_patches import kept_patches_image, save_png
     from .synthetic_task import is_correct, make_sample, vicuna_prompt
-    from .synthetic_train import DEMO_MODEL, IMAGE_SIZE, load_for_eval
+    from .synthetic_train import DEMO_MODEL, IMAGE_SIZE, first_image_kept, load_for_eval
 
     model, processor = load_for_eval(None)
     sample = make_sample(random.Random(args.seed), IMAGE_SIZE)
-    if args.image:
-        image = _open_image(args.image)
-    else:
-        image = sample["image"]
+    image = _image_argument(args.image) if args.image else sample["image"]  # the processor opens a path or URL
     question = args.question or sample["question"]
     if not question.strip():
         raise ValueError("--question is empty; ask about the colour, kind or position of the shape")
@@ -33,8 +30,7 @@ def _demo(args) -> int:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
     cache = cache_from_output(out)
     answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    kept = cache.kept_vision_indices[0]
-    kept = (kept if isinstance(kept, torch.Tensor) else kept[0]).tolist()
+    kept = first_image_kept(cache, 0)
     print(f"Dynamic-LLaVA demo: the embedded model ({DEMO_MODEL.name}), trained on this CPU on the synthetic shapes task")
     print(f"image: {args.image or f'synthetic sample, seed {args.seed}'}")
     print(f"question: {question}")
@@ -56,18 +52,16 @@ def _demo(args) -> int:
     return 0
 
 
-def _open_image(path: str):
+def _image_argument(image: str) -> str:
+    """`--image`: an http(s) URL as given, or the path (`~` expanded) of an existing file; the processor opens it."""
     from pathlib import Path
 
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"image {path!r} does not exist; pass an image file")
-    try:
-        with Image.open(Path(path).expanduser()) as image:
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"{path!r} is not an image PIL can read (PNG, JPEG, ...)") from None
+    if image.startswith(("http://", "https://")):
+        return image
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"image {image!r} does not exist; pass an image file path or an http(s) URL")
+    return str(path)
 
 
 def _dtype(name):
@@ -106,10 +100,7 @@ def _generate(args) -> int:
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("--prompt is empty; ask a question about the image")
-    from pathlib import Path
-
-    if not args.image.startswith(("http://", "https://")) and not Path(args.image).expanduser().is_file():
-        raise FileNotFoundError(f"image {args.image!r} does not exist; pass an image file path or an http(s) URL")
+    image = _image_argument(args.image)
     if args.model is None:
         from .synthetic_train import DEMO_MODEL
 
@@ -131,7 +122,7 @@ def _generate(args) -> int:
     model = DynamicLlavaForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=args.image, text=prompt, return_tensors="pt").to(model.device)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
@@ -229,8 +220,8 @@ def _synthetic_data(args) -> int:
 def _train_synthetic(args) -> int:
     from .synthetic_train import train_synthetic
 
-    folder = train_synthetic(args.out, vision_steps=args.vision_steps, dense_steps=args.dense_steps, sparse_steps=args.sparse_steps,
-                             batch_size=args.batch_size, seed=args.seed,
+    folder = train_synthetic(args.out, vision_steps=args.vision_steps, dense_steps=args.dense_steps,
+                             sparse_steps=args.sparse_steps, batch_size=args.batch_size, seed=args.seed,
                              calibration_samples=args.calibration_samples)  # fmt: skip
     print(f"trained model written to {folder}")
     return 0

@@ -64,9 +64,26 @@ def _rng(seed: int, index: int) -> random.Random:
     return random.Random(seed * 1_000_003 + index)
 
 
+def sample_conversation(sample: dict) -> list:
+    """A synthetic sample as LLaVA conversation turns: the image and question, then the long answer."""
+    return [{"from": "human", "value": "<image>\n" + sample["question"]}, {"from": "gpt", "value": sample["answer_text"]}]
+
+
+def prompt_inputs(processor, samples: list) -> dict:
+    """Left-padded model inputs asking each sample's question about its image (for generate)."""
+    processor.tokenizer.padding_side = "left"
+    return processor(images=[s["image"] for s in samples], text=[vicuna_prompt(s["question"]) for s in samples],
+                     return_tensors="pt", padding=True)  # fmt: skip
+
+
+def first_image_kept(cache, row: int) -> list:
+    """The kept patch indices of row `row`'s first image."""
+    kept = cache.kept_vision_indices[row]
+    return (kept if isinstance(kept, torch.Tensor) else kept[0]).tolist()
+
+
 def encode_sample(sample: dict, processor, image_seq_length: int) -> dict:
-    turns = [{"from": "human", "value": "<image>\n" + sample["question"]}, {"from": "gpt", "value": sample["answer_text"]}]
-    ids, labels = encode_conversation(processor.tokenizer, turns, image_seq_length)
+    ids, labels = encode_conversation(processor.tokenizer, sample_conversation(sample), image_seq_length)
     pixels = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
 
@@ -89,9 +106,8 @@ def write_synthetic_dataset(out: str, n: int, seed: int = 0, overwrite: bool = F
         for index in range(n):
             sample = make_sample(_rng(seed, index), IMAGE_SIZE)
             sample["image"].save(tmp / "images" / f"{index}.png")
-            records.append({"id": f"synthetic-{seed}-{index}", "image": f"{index}.png", "conversations": [
-                {"from": "human", "value": "<image>\n" + sample["question"]},
-                {"from": "gpt", "value": sample["answer_text"]}]})  # fmt: skip
+            records.append({"id": f"synthetic-{seed}-{index}", "image": f"{index}.png",
+                            "conversations": sample_conversation(sample)})  # fmt: skip
         (tmp / "data.json").write_text(json.dumps(records, indent=1))
     return Path(out)
 
@@ -239,11 +255,8 @@ def calibrate_output_text_threshold(model, processor, samples: list, max_new_tok
     noise; a trained predictor is undecided about part of the filler (keep probability ~0.6-0.8), and the fixed
     inference threshold keeps all of those. Returns the keep rate after the shift.
     """
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(images=[s["image"] for s in samples], text=[vicuna_prompt(s["question"]) for s in samples],
-                       return_tensors="pt", padding=True)  # fmt: skip
     with torch.no_grad():
-        return calibrate_output_text_bias(model, inputs, max_new_tokens=max_new_tokens,
+        return calibrate_output_text_bias(model, prompt_inputs(processor, samples), max_new_tokens=max_new_tokens,
                                           keep_rate=model.config.output_text_keep_rate)  # fmt: skip
 
 
@@ -252,13 +265,11 @@ def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_spa
     """Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall."""
     config = model.config
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     correct = kept_text = scored_text = covered = object_total = kept_vision = vision_total = 0
     with sparsity_disabled(model) if no_sparsity else contextlib.nullcontext():
         for first in range(0, n, batch_size):
             samples = [make_sample(_rng(seed, i), IMAGE_SIZE) for i in range(first, min(n, first + batch_size))]
-            prompts = [vicuna_prompt(s["question"]) for s in samples]
-            inputs = processor(images=[s["image"] for s in samples], text=prompts, return_tensors="pt", padding=True)
+            inputs = prompt_inputs(processor, samples)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      return_dict_in_generate=True)  # fmt: skip
@@ -266,8 +277,7 @@ def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_spa
             texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for row, (sample, text) in enumerate(zip(samples, texts)):
                 correct += is_correct(text, sample)
-                kept = cache.kept_vision_indices[row]
-                kept = set((kept if isinstance(kept, torch.Tensor) else kept[0]).tolist())
+                kept = set(first_image_kept(cache, row))
                 patches = object_patches(sample["object_box"], IMAGE_SIZE, PATCH)
                 covered += len(kept & set(patches))
                 object_total += len(patches)
