@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 from PIL import Image
+from transformers import TrainingArguments
 
 from dynamic_llava.sparse_training import TRAINING_ATTENTION, predictor_parameter_groups, straight_through_keep, temperature
 from dynamic_llava.tools.train import GumbelTemperatureCallback
@@ -203,3 +204,37 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
     before = DynamicLlavaForConditionalGeneration.from_pretrained(DEMO_MODEL)
     moved = trained.output_text_score_predictor.state_dict()
     assert any(not torch.equal(v, before.output_text_score_predictor.state_dict()[k]) for k, v in moved.items())
+
+
+class _SpyTrainingArguments(TrainingArguments):
+    """TrainingArguments that record their mixed-precision flags (module level: checkpoints pickle them)."""
+
+    seen: list = []
+
+    def __post_init__(self):
+        super().__post_init__()
+        _SpyTrainingArguments.seen.append((self.bf16, self.fp16))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_train_precision_option(tmp_path, monkeypatch, precision):
+    """`--precision` reaches the Trainer (bf16 autocast runs on CPU too); an unknown value is refused up front."""
+    import transformers
+
+    from dynamic_llava.tools.cli import main
+    from dynamic_llava.tools.synthetic_train import DEMO_MODEL
+    from dynamic_llava.tools.train import train
+
+    monkeypatch.setattr(transformers, "TrainingArguments", _SpyTrainingArguments)
+    monkeypatch.setattr(_SpyTrainingArguments, "seen", [])
+
+    assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "4"]) == 0
+    data, images = str(tmp_path / "data" / "data.json"), str(tmp_path / "data" / "images")
+    folder = train(data, images, str(DEMO_MODEL), str(tmp_path / "run"), max_steps=1, batch_size=2, save_steps=1,
+                   precision=precision, disable_tqdm=True)  # fmt: skip
+    state = (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text()
+    assert (folder / "model.safetensors").exists() and '"global_step": 1' in state
+    assert _SpyTrainingArguments.seen == [(precision == "bf16", False)]
+    with pytest.raises(ValueError, match="precision must be fp32, bf16 or fp16"):
+        train(data, images, str(DEMO_MODEL), str(tmp_path / "other"), precision="fp8")
+    assert not (tmp_path / "other").exists()
