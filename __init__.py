@@ -8,14 +8,23 @@ registers the model with the Auto classes so that an installed package loads exp
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .configuration_dynamic_llava import DynamicLlavaConfig
-from .modeling_dynamic_llava import DynamicLlavaCausalLMOutput, DynamicLlavaForConditionalGeneration
-from .sparse_cache import DynamicLlavaCache, SparseLayer, cache_from_output
+from .modeling_dynamic_llava import (
+    DynamicLlavaCausalLMOutput,
+    DynamicLlavaForConditionalGeneration,
+    DynamicLlavaModel,
+    DynamicLlavaModelOutput,
+)
+from .sparse_cache import DynamicLlavaCache, DynamicLlavaStaticCache, SparseLayer
+from .transformers_compat import cache_from_output
 
 __all__ = [
     "DynamicLlavaConfig",
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaCausalLMOutput",
+    "DynamicLlavaModel",
+    "DynamicLlavaModelOutput",
     "DynamicLlavaCache",
+    "DynamicLlavaStaticCache",
     "SparseLayer",
     "cache_from_output",
 ]

@@ -1,238 +1,527 @@
-"""The KV cache of Dynamic-LLaVA: stock dense layers below `sparse_layer`, `SparseLayer` from it on.
+"""The KV caches of Dynamic-LLaVA: stock dense layers below `sparse_layer`, `SparseLayer` from it on.
 
-A `SparseLayer` stores only the entries the predictors kept. Each stored slot is tagged with the original (RoPE)
-position of its token; `-1` marks an empty slot. Rows are filled left to right, so a row's kept entries are the
-slots `[0, kept_length[row])` and storage is `batch x max kept`, never `batch x full length`. With that tag one
-rule gives every attention mask: a query at position `p` may see a stored slot iff the slot is non-empty and
-`slot_position <= p`. It covers prefill, decoding, chunks fed into an existing cache, left padding (padding is never
-stored) and ragged batches.
+A `SparseLayer` stores only the entries the predictors kept. Every sparse layer of a cache stores the same tokens in
+the same slots, so the slot bookkeeping lives once, in a `SlotTable`:
 
-The model tells the cache, before the sparse layers run, which tokens of the incoming chunk to store
-(`DynamicLlavaCache.stage_sparse_chunk`); each sparse layer's `update()` then returns the stored past plus the whole
-current chunk (what attention needs for this call) and keeps only the staged part. `get_seq_length()` stays the
-logical (full) length, so `generate()` positions stay right; physical sizes are reported by `kept_lengths()` and
-`stored_bytes()`.
+* each row's kept entries occupy slots `[0, lengths[row])`, left-aligned; storage is `batch x capacity`, never
+  `batch x full length`;
+* each slot is tagged with the original (RoPE) position of its token, `-1` when empty; the mask rule of
+  `sparse_masks.visible_keys` reads only these tags.
+
+Protocol (one hand-over per forward): after scoring at `sparse_layer`, the model calls `cache.admit(SparseChunk)`
+with what this chunk computes and keeps; the cache places the chunk's tokens in their slots (device-side write index,
+no host sync), records the decisions, and returns the key positions the sparse layers' mask is built from. Each
+`SparseLayer.update()` then writes its keys/values in place at those slots and returns its storage.
+
+Capacity grows in blocks of `block_size` slots. The host keeps an upper bound of the used width; only when that
+bound would pass the capacity does the cache read the real longest row (one host sync per block of decode steps)
+and compact or grow. Attention reads the allocated capacity; empty slots are tagged -1, so they are masked.
+
+`DynamicLlavaStaticCache` preallocates everything (static shapes, no host sync at all while decoding, compilable).
+
+`get_seq_length()` is the logical (full) length, so `generate()` positions stay right; physical sizes are reported
+by `kept_lengths()`, `stored_bytes()` and `allocated_bytes()`.
+
+This file is a Hub remote-code module.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["SparseLayer", "DynamicLlavaCache", "cache_from_output"]
+from .transformers_compat import cache_from_output, query_length
+
+__all__ = [
+    "cache_from_output",
+    "DynamicLlavaCache",
+    "DynamicLlavaStaticCache",
+    "RowLog",
+    "SlotTable",
+    "SparseChunk",
+    "SparseLayer",
+    "StaticDenseLayer",
+]
+
+CROP_REFUSAL = (
+    "DynamicLlavaCache cannot be cropped: its sparse layers dropped entries, so a shorter prefix of the history "
+    "cannot be rebuilt. Assisted decoding, prompt lookup and DoLa need cropping and are not supported by "
+    "Dynamic-LLaVA; generate without them."
+)
 
 
-def _query_length(query) -> int:
-    # transformers 4.57 passes `cache_position` (a tensor), 5.x the query length (an int)
-    return query if isinstance(query, int) else query.shape[0]
-
-
-class StorePlan(NamedTuple):
+@dataclass
+class SparseChunk:
     """
-    What one `SparseLayer.update()` does with its chunk; the same for every sparse layer of a call.
+    What the model hands the cache once per forward, after scoring at `sparse_layer`.
 
-    kind: "append" (the whole chunk is stored after full rows), "scatter" (ragged: `dest` places each token) or
-        "none" (nothing stored).
-    dest: `[batch, q]` long slot of each chunk token (`new_len` = not stored), for "scatter".
-    positions: `[batch, new_len]` the slots' positions after the update (-1 empty).
-    old_len: stored slots carried over, for "scatter".
+    token_valid: `[batch, q]` bool, the real tokens of this call (not padding). Dense layers store every column;
+        this counts what a row really holds.
+    positions: `[batch, c]` long, positions of the tokens the sparse layers compute (after dropping).
+    valid: `[batch, c]` bool, which of those are real (not filler of a shorter row, not padding).
+    store: `[batch, c]` bool, which of those enter the sparse layers' cache (a subset of `valid`).
+    num_new_tokens: q, the logical length of this call.
+    kept_vision_indices: per row, one LongTensor per image of this call (kept indices inside the image); None when
+        the call has no image.
+    output_text_keep: `[batch, n]` bool decisions of the generated tokens scored in this call, or None.
+    output_text_scored: `[batch, n]` bool, which of those were real tokens of a live row.
+    ends_row: `[batch]` bool, the row was fed an end-of-sequence token in this decode step: from here on the row is
+        finished and changes nothing in the cache (generate() keeps feeding it padding). None for prompt calls.
+    is_prompt: the call holds prompt text only (a new turn): rows finished earlier are live again.
     """
 
-    kind: str
-    dest: Optional[torch.Tensor]
+    token_valid: torch.Tensor
     positions: torch.Tensor
-    old_len: int
+    valid: torch.Tensor
+    store: torch.Tensor
+    num_new_tokens: int
+    kept_vision_indices: list | None = None
+    output_text_keep: torch.Tensor | None = None
+    output_text_scored: torch.Tensor | None = None
+    ends_row: torch.Tensor | None = None
+    is_prompt: bool = True
 
 
-def _scatter_slots(old: torch.Tensor, chunk: torch.Tensor, dest: torch.Tensor, new_len: int, old_len: int):
-    """`old` `[batch, heads, width, dim]` -> `[batch, heads, new_len, dim]` with `chunk`'s tokens at `dest`."""
-    batch, heads, q, dim = chunk.shape
-    out = old.new_zeros((batch, old.shape[1], new_len + 1, old.shape[-1]))
-    out[..., :old_len, :] = old[..., :old_len, :]
-    out.scatter_(-2, dest[:, None, :, None].expand(batch, heads, q, dim), chunk)
-    return out[..., :new_len, :]
+def _ranks_in_groups(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """
+    `[batch, c]` long: each entry's rank when a row is ordered as (entries of `first`, in order), then (entries of
+    `second`), then the rest; `first` and `second` are disjoint `[batch, c]` bool masks.
+    """
+    n_first = first.sum(-1, keepdim=True)
+    n_second = second.sum(-1, keepdim=True)
+    rest = ~(first | second)
+    return torch.where(
+        first,
+        first.cumsum(-1) - 1,
+        torch.where(second, n_first + second.cumsum(-1) - 1, n_first + n_second + rest.cumsum(-1) - 1),
+    )
+
+
+def _grow(old: torch.Tensor | None, shape: tuple, fill: Any, dim: int, **like: Any) -> torch.Tensor:
+    """A new tensor of `shape` filled with `fill`, with `old`'s leading entries along `dim` copied in."""
+    new = torch.full(shape, fill, **like)
+    if old is not None and old.numel():
+        keep = min(old.shape[dim], shape[dim])
+        new.narrow(dim, 0, keep).copy_(old.narrow(dim, 0, keep))
+    return new
+
+
+class SlotTable:
+    """
+    Slot bookkeeping shared by the sparse layers of one cache.
+
+    positions: `[batch, capacity]` long, each slot's token position, -1 if empty.
+    lengths: `[batch]` long, entries stored per row (slots `[0, lengths[row])`).
+    write_index: `[batch, c]` long, the slot of each token of the current call (set by `admit`).
+    capacity: slots allocated per row (host int); used_bound: a host upper bound of `lengths.max()`.
+    """
+
+    def __init__(self, block_size: int = 64, static_capacity: int | None = None):
+        self.block_size = block_size
+        self.static_capacity = static_capacity
+        self.positions: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
+        self.write_index: torch.Tensor | None = None
+        self.capacity = 0
+        self.used_bound = 0
+        self.logical_length = 0
+        self.read_width = 0
+        self.syncs = 0  # host syncs spent on compaction (tests count them)
+        self._expanded: dict = {}
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.positions is not None
+
+    def _ensure(self, batch: int, needed: int, device: torch.device) -> None:
+        """Make room for `needed` more slots per row (dynamic: one host sync when the bound would pass capacity)."""
+        if self.positions is None:
+            self.positions = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.static_capacity is not None:  # fixed: the dense columns overflow first (a clear index error)
+            if self.capacity == 0:
+                self._resize(self.static_capacity)
+            return
+        if self.used_bound + needed <= self.capacity:
+            return
+        self.syncs += 1
+        self.used_bound = int(self.lengths.max()) if self.lengths.numel() else 0
+        if self.used_bound + needed > self.capacity:
+            self._resize(self.used_bound + needed + self.block_size)
+
+    def _resize(self, capacity: int) -> None:
+        batch = self.positions.shape[0]
+        self.positions = _grow(self.positions, (batch, capacity), -1, 1, dtype=torch.long, device=self.positions.device)
+        self.capacity = capacity
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        if self.static_capacity is not None and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.positions)
+            torch._dynamo.mark_static_address(self.lengths)
+
+    def admit(
+        self,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        store: torch.Tensor,
+        num_new_tokens: int,
+        plainly_causal: bool = False,
+    ) -> torch.Tensor:
+        """
+        Place a computed chunk: stored tokens at `lengths[row] + rank` (left-aligned, in order), the others after
+        them (their persistent tags stay -1; later writes overwrite them). Stored tokens are tagged with their
+        positions; a valid token that is not stored is tagged for this call's mask only (it sees itself).
+
+        Args:
+            positions, valid, store: `[batch, c]` (see `SparseChunk`).
+            num_new_tokens: the logical length of the call (before dropping).
+            plainly_causal: the caller checked that keys == queries in order (first prefill, nothing dropped but
+                possibly the last token): attention may then read only the first `c` slots without a mask.
+        Returns:
+            `[batch, capacity]` long key positions for this call's mask.
+        """
+        batch, c = positions.shape
+        self._ensure(batch, c, positions.device)
+        if c == 1:
+            dest = self.lengths[:, None].clone()  # (lengths moves on below, in place)
+        else:  # stored tokens first (in order), then computed-but-dropped ones, then filler/padding
+            dest = self.lengths[:, None] + _ranks_in_groups(store, valid & ~store)
+        key_positions = self.positions.scatter(1, dest, torch.where(valid, positions, -1))
+        self.positions.scatter_(1, dest, torch.where(store, positions, -1))
+        self.lengths += store.sum(-1)
+        if self.static_capacity is None:  # (a static table keeps no host counters: nothing to retrace per step)
+            self.used_bound += c
+            self.logical_length += num_new_tokens
+        self.write_index = dest
+        self._expanded = {}
+        self.read_width = c if plainly_causal else self.capacity
+        return key_positions
+
+    def expanded_index(self, like: torch.Tensor) -> torch.Tensor:
+        """`write_index` as a scatter index shaped like `like` (`[batch, heads, c, dim]`), shared by the layers."""
+        key = (like.shape[1], like.shape[-1], like.device)
+        index = self._expanded.get(key)
+        if index is None:
+            index = self.write_index.to(like.device)[:, None, :, None].expand(-1, like.shape[1], -1, like.shape[-1])
+            self._expanded[key] = index
+        return index
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam reorder, batch selection, expansion); storage shrinks to the new longest row."""
+        if self.positions is None:
+            return
+        self.positions = self.positions.index_select(0, index.to(self.positions.device))
+        self.lengths = self.lengths.index_select(0, index.to(self.lengths.device))
+        self.write_index = None
+        self._expanded = {}
+        if self.static_capacity is not None:
+            self._mark_static()
+            return
+        self.syncs += 1
+        self.used_bound = int(self.lengths.max()) if self.lengths.numel() else 0
+        capacity = self.used_bound + self.block_size
+        if capacity < self.capacity:
+            self.positions = self.positions[:, :capacity].contiguous()
+            self.capacity = capacity
+
+    def reset(self) -> None:
+        self.__init__(self.block_size, self.static_capacity)
 
 
 class SparseLayer(DynamicLayer):
     """
-    A cache layer that stores only the kept entries of each row.
+    A cache layer that stores only the kept entries of each row, in place.
 
     Storage:
-        keys, values: `[batch, kv_heads, max_kept, head_dim]`; row `b` holds its entries in slots `[0, kept_b)`.
-        positions:    `[batch, max_kept]` LongTensor, the original position of each slot's token, `-1` if empty.
+        keys, values: `[batch, kv_heads, capacity, head_dim]`; row `b` holds its entries in slots `[0, lengths[b])`
+        of the shared `SlotTable` (which also holds each slot's position tag).
     """
 
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.positions: Optional[torch.Tensor] = None
-        self.logical_length = 0
-        self._staged = None
+    def __init__(self, table: SlotTable | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.table = table if table is not None else SlotTable()
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: Optional[torch.Tensor] = None):
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         value_states = key_states if value_states is None else value_states
-        batch, heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((batch, heads, 0, head_dim))
-        self.values = value_states.new_zeros((batch, value_states.shape[1], 0, value_states.shape[-1]))
-        self.positions = torch.full((batch, 0), -1, dtype=torch.long, device=self.device)
+        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]))
         self.is_initialized = True
 
-    def stage(self, store: torch.Tensor, positions: torch.Tensor, num_new_tokens: int,
-              plan: Optional[StorePlan] = None) -> None:  # fmt: skip
-        """
-        Say what the next `update()` stores.
+    def _fit(self) -> None:
+        """Follow the table's capacity and batch (growth, compaction, row selection)."""
+        capacity = self.table.capacity
+        if self.keys.shape[-2] == capacity:
+            return
+        like = {"dtype": self.keys.dtype, "device": self.keys.device}
+        self.keys = _grow(self.keys, (*self.keys.shape[:2], capacity, self.keys.shape[-1]), 0, 2, **like)
+        self.values = _grow(self.values, (*self.values.shape[:2], capacity, self.values.shape[-1]), 0, 2, **like)
+        if self.table.static_capacity is not None and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
 
-        Args:
-            store: `[batch, q]` bool, True for the chunk tokens whose keys/values enter this layer's cache.
-            positions: `[batch, q]` long, original positions of the chunk tokens.
-            num_new_tokens: logical tokens this call adds (before any were dropped), for `get_seq_length()`.
-            plan: `plan_store(store, positions)` of a layer with the same stored slots (the container computes it
-                once for all sparse layers); computed here when None.
-        """
-        self._staged = (store, positions, num_new_tokens, plan)
-
-    def plan_store(self, store: torch.Tensor, positions: torch.Tensor) -> StorePlan:
-        """Where each chunk token of `store` goes in this layer's storage (one host sync, for the sizes)."""
-        device = self.positions.device if self.positions is not None else store.device
-        store, positions = store.to(device), positions.to(device)
-        old = self.positions if self.positions is not None else positions.new_full((store.shape[0], 0), -1)
-        counts = (old >= 0).sum(-1)
-        new_counts = counts + store.sum(-1)
-        flags = torch.stack([store.all() & (counts == old.shape[-1]).all(), store.any(),
-                             new_counts.max() if new_counts.numel() else new_counts.new_zeros(())])  # fmt: skip
-        append_all, any_stored, new_len = (int(v) for v in flags.tolist())
-        if append_all:  # every row keeps the whole chunk and has no empty slot: storage is the concatenation
-            return StorePlan("append", None, torch.cat([old, positions], dim=-1), 0)
-        if not any_stored:
-            return StorePlan("none", None, old, 0)
-        # ragged: each row's kept chunk entries go right after its stored ones; one extra slot at the end collects
-        # the entries that are not stored, then is cut off
-        dest = torch.where(store, counts[:, None] + store.cumsum(-1) - 1, torch.full_like(positions, new_len))
-        old_len = min(old.shape[-1], new_len)
-        slots = old.new_full((old.shape[0], new_len + 1), -1)
-        slots[:, :old_len] = old[:, :old_len]
-        slots.scatter_(-1, dest, positions)
-        return StorePlan("scatter", dest, slots[:, :new_len], old_len)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """
         Args:
-            key_states, value_states: `[batch, kv_heads, q, head_dim]`, the chunk the model computes in this layer.
+            key_states, value_states: `[batch, kv_heads, c, head_dim]`, the chunk the model computes in this layer.
         Returns:
-            `(keys, values)` of shape `[batch, kv_heads, max_kept + q, head_dim]`: the stored past, then the chunk.
-            The model's mask for this layer follows the same order (`DynamicLlavaCache.key_positions`).
+            `(keys, values)` of shape `[batch, kv_heads, width, head_dim]`: this layer's storage with the chunk
+            written in (width = the allocated capacity, or `c` for a plainly causal first prefill). The key order is
+            the slot order of `SlotTable.admit`'s key positions.
         """
-        if self._staged is None:
+        if self.table.write_index is None:
             raise RuntimeError(
-                "SparseLayer.update() was called without a staged keep mask. DynamicLlavaCache is driven by "
+                "SparseLayer.update() was called without a chunk admitted by the cache. DynamicLlavaCache is driven by "
                 "DynamicLlavaForConditionalGeneration; other models should use a plain DynamicCache."
             )
-        store, positions, num_new_tokens, plan = self._staged
-        self._staged = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if plan is None:
-            plan = self.plan_store(store, positions)
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        self.logical_length += num_new_tokens
-        if plan.kind == "append":
-            self.keys, self.values = keys, values
-        elif plan.kind == "scatter":
-            dest = plan.dest.to(self.device)
-            self.keys = _scatter_slots(self.keys, key_states, dest, plan.positions.shape[-1], plan.old_len)
-            self.values = _scatter_slots(self.values, value_states, dest, plan.positions.shape[-1], plan.old_len)
-        self.positions = plan.positions.to(self.device)
-        return keys, values
+        self._fit()
+        self.keys.scatter_(2, self.table.expanded_index(key_states), key_states)
+        self.values.scatter_(2, self.table.expanded_index(value_states), value_states)
+        width = self.table.read_width
+        if width == self.keys.shape[-2]:
+            return self.keys, self.values
+        return self.keys[:, :, :width], self.values[:, :, :width]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))
+            self._fit()
 
     def kept_length(self) -> torch.Tensor:
         """`[batch]` long: entries stored per row."""
-        if not self.is_initialized:
+        if self.table.lengths is None:
             return torch.zeros(0, dtype=torch.long)
-        return (self.positions >= 0).sum(-1)
+        return self.table.lengths
 
     def get_seq_length(self) -> int:
-        """The logical length: every token this layer was shown, kept or not."""
-        return self.logical_length
+        """The logical length: every token this layer was shown, kept or not (dynamic tables)."""
+        return self.table.logical_length
 
-    def get_physical_length(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
-
-    def get_mask_sizes(self, query, *args) -> tuple[int, int]:
-        return self.get_physical_length() + _query_length(query), 0
+    def get_mask_sizes(self, query: Any, *args: Any) -> tuple[int, int]:
+        return self.table.read_width + query_length(query), 0
 
     def get_max_cache_shape(self) -> int:
-        return -1
+        return -1 if self.table.static_capacity is None else self.table.static_capacity
 
     def get_max_length(self) -> int:
-        return -1
+        return self.get_max_cache_shape()
 
-    def crop(self, *args, **kwargs):
-        raise ValueError(
-            "DynamicLlavaCache cannot be cropped: its sparse layers dropped entries, so a shorter prefix of the "
-            "history cannot be rebuilt (assisted decoding and DoLa need cropping). Generate without an assistant, "
-            "or load the model with use_vision_predictor=False and use_output_text_predictor=False."
-        )
-
-    def _select(self, fn) -> None:
-        """Apply a batch selection; storage then shrinks to the new max kept (rows may have been dropped)."""
-        if self.is_initialized:
-            self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
-            width = int(self.kept_length().max()) if self.positions.shape[0] else 0
-            if width < self.positions.shape[-1]:
-                self.keys = self.keys[..., :width, :].contiguous()
-                self.values = self.values[..., :width, :].contiguous()
-                self.positions = self.positions[:, :width].contiguous()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(CROP_REFUSAL)
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = None
+        self.keys = self.values = None
         self.is_initialized = False
-        self.logical_length = 0
-        self._staged = None
+
+
+class StaticDenseLayer(DynamicLayer):
+    """
+    A preallocated dense layer for `DynamicLlavaStaticCache`: every column (padding included) at a device-side
+    column counter, written in place; the position tags of its columns live in the cache's `dense_positions`.
+
+    keys, values: `[batch, kv_heads, max_cache_len, head_dim]`.
+    """
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = True
+
+    def __init__(self, cache: DynamicLlavaStaticCache, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        value_states = key_states if value_states is None else value_states
+        length = self.cache.max_cache_len
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((*key_states.shape[:2], length, key_states.shape[-1]))
+        self.values = value_states.new_zeros((*value_states.shape[:2], length, value_states.shape[-1]))
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Write the chunk `[batch, kv_heads, q, head_dim]` at this call's columns; return the whole storage."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        columns = self.cache.dense_columns
+        self.keys.index_copy_(2, columns, key_states)
+        self.values.index_copy_(2, columns, value_states)
+        return self.keys, self.values
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))
+
+    def get_seq_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def get_mask_sizes(self, query: Any, *args: Any) -> tuple[int, int]:
+        return self.cache.max_cache_len, 0
+
+    def get_max_cache_shape(self) -> int:
+        return self.cache.max_cache_len
+
+    def get_max_length(self) -> int:
+        return self.cache.max_cache_len
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(CROP_REFUSAL)
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class RowLog:
+    """
+    The per-row decisions of one cache, for introspection (one object, one row-selection path).
+
+    real_tokens: `[batch]` long, real tokens each row was shown (what its dense layers really hold).
+    finished: `[batch]` bool, the row was fed an end-of-sequence token and is only padded from there on.
+    vision: per row, one LongTensor per image (kept indices inside the image, ascending).
+    decisions: `[batch, slots]` bool output-text decisions; row `b` holds `decision_counts[b]` of them.
+    """
+
+    def __init__(self, block_size: int = 64, static_slots: int | None = None):
+        self.block_size = block_size
+        self.static_slots = static_slots
+        self.real_tokens: torch.Tensor | None = None
+        self.finished: torch.Tensor | None = None
+        self.vision: list[list[torch.Tensor]] = []
+        self.decisions: torch.Tensor | None = None
+        self.decision_counts: torch.Tensor | None = None
+        self.decision_bound = 0
+
+    def _init(self, batch: int, device: torch.device) -> None:
+        self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.decision_counts = torch.zeros(batch, dtype=torch.long, device=device)
+        slots = self.static_slots if self.static_slots is not None else 0
+        self.decisions = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        if self.static_slots is not None and not torch.compiler.is_compiling():
+            for tensor in (self.real_tokens, self.finished, self.decision_counts, self.decisions):
+                torch._dynamo.mark_static_address(tensor)
+        self.vision = [[] for _ in range(batch)]
+
+    def live_rows(self, chunk: SparseChunk) -> torch.Tensor:
+        """Update `finished` with this call; `[batch]` bool, the rows this call may change."""
+        if self.real_tokens is None:
+            self._init(chunk.token_valid.shape[0], chunk.token_valid.device)
+        if chunk.is_prompt:
+            self.finished.zero_()
+        elif chunk.ends_row is not None:
+            self.finished |= chunk.ends_row.to(self.finished.device)
+        return ~self.finished
+
+    def record(self, chunk: SparseChunk, live: torch.Tensor) -> None:
+        self.real_tokens += (chunk.token_valid & live[:, None]).sum(-1)
+        if chunk.kept_vision_indices is not None:
+            for row, images in zip(self.vision, chunk.kept_vision_indices):
+                row.extend(images)
+        if chunk.output_text_keep is not None:
+            self._record_decisions(chunk.output_text_keep, chunk.output_text_scored & live[:, None])
+
+    def _record_decisions(self, keep: torch.Tensor, scored: torch.Tensor) -> None:
+        n = keep.shape[1]
+        if self.static_slots is None and self.decision_bound + n > self.decisions.shape[1]:
+            width = self.decision_bound + n + self.block_size
+            self.decisions = _grow(self.decisions, (keep.shape[0], width), False, 1, device=self.decisions.device)
+        if n == 1:
+            dest = self.decision_counts[:, None].clone()
+        else:
+            dest = self.decision_counts[:, None] + _ranks_in_groups(scored, torch.zeros_like(scored))
+        self.decisions.scatter_(1, dest, keep.to(self.decisions.device))
+        self.decision_counts += scored.sum(-1)
+        if self.static_slots is None:
+            self.decision_bound += n
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.real_tokens is None:
+            return
+        for name in ("real_tokens", "finished", "decisions", "decision_counts"):
+            tensor = getattr(self, name)
+            setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        self.vision = [list(self.vision[i]) for i in index.tolist()]
+
+    def output_text_keep(self) -> list[torch.Tensor]:
+        if self.real_tokens is None:
+            return []
+        counts = self.decision_counts.tolist()
+        return [self.decisions[b, :n].clone() for b, n in enumerate(counts)]
+
+    def reset(self) -> None:
+        self.__init__(self.block_size, self.static_slots)
 
 
 class DynamicLlavaCache(Cache):
     """
     The cache `DynamicLlavaForConditionalGeneration.generate()` builds by itself: `DynamicLayer` for layers
-    `< sparse_layer`, `SparseLayer` from it on (all dense when sparsification is off).
+    `< sparse_layer`, `SparseLayer` from it on (all dense when sparsification is off), growing as it goes.
 
-    Per-row bookkeeping (on the device of the layer that produced it):
-        kept_vision_indices: per row, LongTensor of kept indices inside the image (ascending); a list of them, one
-            per image, if a row has several; an empty tensor for a row without image.
-        output_text_keep: per row, BoolTensor with one decision per generated token fed back.
+    Introspection (all per row of the batch):
+        kept_vision_indices: list per row of list per image of LongTensor (kept indices inside the image,
+            ascending); an empty list for a row without image.
+        output_text_keep: list per row of BoolTensor, one decision per generated token fed back.
+        kept_lengths(): `[num_layers, batch]` entries physically stored per layer and row (padding never counted).
+        stored_bytes() (used), allocated_bytes() (allocated, capacity blocks included), dense_bytes().
     """
 
-    def __init__(self, config=None, *, num_hidden_layers: Optional[int] = None, sparse_layer: Optional[int] = None):
+    is_compileable = False
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        num_hidden_layers: int | None = None,
+        sparse_layer: int | None = None,
+        block_size: int = 64,
+    ):
         if config is not None:
             text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_hidden_layers = text_config.num_hidden_layers
-            enabled = getattr(config, "use_vision_predictor", True) or getattr(config, "use_output_text_predictor", True)
-            sparse_layer = config.sparse_layer if enabled else num_hidden_layers
+            if sparse_layer is None:
+                enabled = getattr(config, "use_vision_predictor", True) or getattr(
+                    config, "use_output_text_predictor", True
+                )
+                sparse_layer = config.sparse_layer if enabled else num_hidden_layers
         if num_hidden_layers is None or sparse_layer is None:
             raise ValueError("DynamicLlavaCache needs the model config (or num_hidden_layers and sparse_layer).")
         if not 1 <= sparse_layer <= num_hidden_layers:
-            raise ValueError(f"sparse_layer={sparse_layer} must lie in 1..{num_hidden_layers}.")
-        layers = [DynamicLayer() for _ in range(sparse_layer)]
-        layers += [SparseLayer() for _ in range(sparse_layer, num_hidden_layers)]
-        super().__init__(layers=layers)
+            raise ValueError(
+                f"sparse_layer={sparse_layer} must lie in 1..{num_hidden_layers} ({num_hidden_layers} = all dense)."
+            )
         self.sparse_layer = sparse_layer
-        self._vision: list[list[torch.Tensor]] = []
-        self._output_text_keep: Optional[torch.Tensor] = None
-        self._real_tokens: Optional[torch.Tensor] = None
+        self.num_hidden_layers = num_hidden_layers
+        self.table = self._make_table(block_size)
+        self.log = self._make_log(block_size)
+        layers = [self._dense_layer() for _ in range(sparse_layer)]
+        layers += [SparseLayer(self.table) for _ in range(sparse_layer, num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.is_empty = True
+
+    # ---- construction hooks (the static cache overrides them) ----------------------------------------------------
+
+    def _make_table(self, block_size: int) -> SlotTable:
+        return SlotTable(block_size)
+
+    def _make_log(self, block_size: int) -> RowLog:
+        return RowLog(block_size)
+
+    def _dense_layer(self) -> DynamicLayer:
+        return DynamicLayer()
 
     # ---- driven by the model -----------------------------------------------------------------------------------
 
@@ -240,95 +529,91 @@ class DynamicLlavaCache(Cache):
     def sparse_layers(self) -> list[SparseLayer]:
         return self.layers[self.sparse_layer :]
 
+    @property
+    def is_sparse(self) -> bool:
+        """True when some layers are sparse (False: an all-dense cache, sparsification off)."""
+        return self.sparse_layer < self.num_hidden_layers
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Logical length (layer 0 is dense): what `generate()` uses for positions."""
         return self.layers[layer_idx].get_seq_length()
 
-    def stored_positions(self) -> Optional[torch.Tensor]:
-        """`[batch, max_kept]` original positions of the stored sparse slots (-1 empty), or None before prefill."""
-        if not self.sparse_layers or not self.sparse_layers[0].is_initialized:
+    def admit(self, chunk: SparseChunk, plainly_causal: bool = False) -> torch.Tensor | None:
+        """
+        The one hand-over per forward (see the module docstring). Rows that are finished change nothing.
+
+        Returns:
+            `[batch, width]` long key positions of the sparse layers (None for an all-dense cache).
+        """
+        live = self.log.live_rows(chunk)
+        self.log.record(chunk, live)
+        self.is_empty = False
+        if not self.is_sparse:
             return None
-        return self.sparse_layers[0].positions
-
-    def observe_tokens(self, token_valid: torch.Tensor) -> None:
-        """Called once per forward: `[batch, q]` bool, the non-padding tokens of this call (all layers store them)."""
-        real = token_valid.sum(-1)
-        self._real_tokens = real if self._real_tokens is None else self._real_tokens + real.to(self._real_tokens)
-
-    def stage_sparse_chunk(self, store: torch.Tensor, positions: torch.Tensor, num_new_tokens: int) -> None:
-        """
-        Called once per forward, before the sparse layers run.
-
-        Args:
-            store: `[batch, q']` bool, which tokens of the chunk the sparse layers compute are stored.
-            positions: `[batch, q']` long, their original positions.
-            num_new_tokens: q, the logical length of this call's chunk.
-        """
-        layers = self.sparse_layers
-        plan = layers[0].plan_store(store, positions) if layers else None  # every sparse layer holds the same slots
-        for layer in layers:
-            layer.stage(store, positions, num_new_tokens, plan)
-
-    def record_vision(self, kept: list[list[torch.Tensor]]) -> None:
-        """Per row, the kept indices of each image seen in this call."""
-        if not self._vision:
-            self._vision = [[] for _ in kept]
-        for row, images in zip(self._vision, kept):
-            row.extend(images)
-
-    def record_output_text(self, keep: torch.Tensor) -> None:
-        """`[batch, n]` bool decisions of the generated tokens fed in this call."""
-        prev = self._output_text_keep
-        self._output_text_keep = keep if prev is None else torch.cat([prev, keep.to(prev.device)], dim=-1)
+        valid = chunk.valid & live.to(chunk.valid.device)[:, None]
+        return self.table.admit(chunk.positions, valid, chunk.store & valid, chunk.num_new_tokens, plainly_causal)
 
     # ---- introspection -----------------------------------------------------------------------------------------
 
     @property
-    def kept_vision_indices(self) -> list:
-        out = []
-        for images in self._vision:
-            if not images:
-                out.append(torch.zeros(0, dtype=torch.long))
-            else:
-                out.append(images[0] if len(images) == 1 else list(images))
-        return out
+    def batch_size(self) -> int:
+        return 0 if self.log.real_tokens is None else self.log.real_tokens.shape[0]
+
+    @property
+    def kept_vision_indices(self) -> list[list[torch.Tensor]]:
+        return [list(images) for images in self.log.vision]
 
     @property
     def output_text_keep(self) -> list[torch.Tensor]:
-        if self._output_text_keep is None:
-            batch = 0 if self._real_tokens is None else self._real_tokens.shape[0]
-            return [torch.zeros(0, dtype=torch.bool) for _ in range(batch)]
-        return list(self._output_text_keep.unbind(0))
+        return self.log.output_text_keep()
 
     def kept_lengths(self) -> torch.Tensor:
         """`[num_layers, batch]` long: entries physically stored per layer and row, padding never counted."""
-        if self._real_tokens is None:
+        if self.log.real_tokens is None:
             return torch.zeros(len(self.layers), 0, dtype=torch.long)
-        rows = []
-        for layer in self.layers:
-            rows.append(layer.kept_length().cpu() if isinstance(layer, SparseLayer) else self._real_tokens.cpu())
-        return torch.stack(rows)
+        dense = self.log.real_tokens.cpu()
+        sparse = self.table.lengths.cpu() if self.table.lengths is not None else dense
+        return torch.stack([sparse if isinstance(layer, SparseLayer) else dense for layer in self.layers])
+
+    @staticmethod
+    def _bytes_per_token(layer: DynamicLayer) -> int:
+        keys, values = layer.keys, layer.values
+        return keys.shape[1] * keys.shape[-1] * keys.element_size() + values.shape[1] * values.shape[-1] * (
+            values.element_size()
+        )
 
     def stored_bytes(self) -> int:
-        """Bytes of key/value storage actually allocated, over all layers."""
+        """Bytes of the entries in use: dense layers `batch x length`, sparse layers `batch x longest kept row`."""
+        total = 0
+        longest = int(self.table.lengths.max()) if self.table.lengths is not None and self.batch_size else 0
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None:
+                if isinstance(layer, SparseLayer):
+                    width = longest
+                elif isinstance(layer, StaticDenseLayer):
+                    width = self.get_seq_length()
+                else:
+                    width = layer.keys.shape[-2]
+                total += layer.keys.shape[0] * width * self._bytes_per_token(layer)
+        return total
+
+    def allocated_bytes(self) -> int:
+        """Bytes of key/value tensors actually allocated (capacity blocks and preallocation included)."""
         total = 0
         for layer in self.layers:
-            if layer.is_initialized:
+            if layer.is_initialized and layer.keys is not None:
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
         return total
 
     def dense_bytes(self) -> int:
         """Bytes a stock `DynamicCache` would hold for the same inputs (every layer x batch x full length)."""
-        total = 0
         length = self.get_seq_length()
-        for layer in self.layers:
-            if layer.is_initialized:
-                batch, heads, _, head_dim = layer.keys.shape
-                per_token = heads * head_dim * layer.keys.element_size()
-                per_token += layer.values.shape[1] * layer.values.shape[-1] * layer.values.element_size()
-                total += batch * length * per_token
-        return total
+        return sum(
+            layer.keys.shape[0] * length * self._bytes_per_token(layer)
+            for layer in self.layers
+            if layer.is_initialized and layer.keys is not None
+        )
 
     def sparsity_report(self) -> dict:
         """
@@ -336,59 +621,54 @@ class DynamicLlavaCache(Cache):
         `kv_bytes_ratio` = stored_bytes / dense_bytes (dense = a stock DynamicCache for the same inputs).
         """
         decisions = self.output_text_keep
-        vision = [v if isinstance(v, list) else [v] for v in self.kept_vision_indices]
         kept_generated = [int(d.sum()) for d in decisions]
         generated = [int(d.numel()) for d in decisions]
-        stored, dense = self.stored_bytes(), self.dense_bytes()
+        stored, allocated, dense = self.stored_bytes(), self.allocated_bytes(), self.dense_bytes()
         return {
             "sparse_layer": self.sparse_layer,
-            "vision_tokens_kept": [[int(i.numel()) for i in images] for images in vision],
+            "vision_tokens_kept": [[int(i.numel()) for i in images] for images in self.kept_vision_indices],
             "output_text_kept": kept_generated,
             "output_text_scored": generated,
             "output_text_keep_rate": (sum(kept_generated) / sum(generated)) if sum(generated) else None,
             "kept_lengths": self.kept_lengths().tolist(),
             "stored_bytes": stored,
+            "allocated_bytes": allocated,
             "dense_bytes": dense,
             "kv_bytes_ratio": (stored / dense) if dense else None,
         }
 
-    # ---- batch operations keep the bookkeeping with its rows ---------------------------------------------------
+    # ---- batch operations: one row-selection path for layers, slots and the log ----------------------------------
 
-    def _select_rows(self, fn) -> None:
-        if self._real_tokens is not None:
-            self._real_tokens = fn(self._real_tokens)
-        if self._output_text_keep is not None:
-            self._output_text_keep = fn(self._output_text_keep)
-        if self._vision:
-            order = fn(torch.arange(len(self._vision))).tolist()
-            self._vision = [list(self._vision[i]) for i in order]
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (and order, and repeat) rows by `index` `[new_batch]` long."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        for layer in self.layers:
+            if isinstance(layer, (SparseLayer, StaticDenseLayer)):
+                continue
+            if layer.is_initialized and layer.keys is not None:
+                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        self.table.select_rows(index)
+        for layer in self.layers:
+            if isinstance(layer, (SparseLayer, StaticDenseLayer)):
+                layer.select_rows(index)
+        self.log.select_rows(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for layer in self.layers:
-            layer.reorder_cache(beam_idx)
-        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for layer in self.layers:
-            layer.batch_repeat_interleave(repeats)
-        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.batch_select_indices(indices)
-        self._select_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+        self.select_rows(torch.arange(self.batch_size)[indices])
 
-    def crop(self, max_length: int) -> None:
-        length = self.get_seq_length()
-        target = max_length if max_length >= 0 else length + max_length
-        if target >= length:
-            return
-        if self.sparse_layers:
-            self.sparse_layers[0].crop(max_length)
-        for layer in self.layers:
-            layer.crop(max_length if _CROP_ABSOLUTE else target - length)
-        if self._real_tokens is not None:  # a crop removes the newest tokens, which are real (left padding)
-            self._real_tokens = (self._real_tokens - (length - target)).clamp(min=0)
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(CROP_REFUSAL)
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
 
     def reset(self) -> None:
         """Empty every layer and the bookkeeping (4.57's DynamicLayer.reset only zeroes in place)."""
@@ -396,17 +676,87 @@ class DynamicLlavaCache(Cache):
             layer.reset()
             layer.keys = layer.values = None
             layer.is_initialized = False
-        self._vision, self._output_text_keep, self._real_tokens = [], None, None
+        self.table.reset()
+        self.log.reset()
+        self.is_empty = True
 
 
-# transformers 4.57's DynamicLayer.crop takes the absolute length to keep; 5.x the (negative) number to remove
-_CROP_ABSOLUTE = "max_length" in DynamicLayer.crop.__code__.co_varnames[:2]
+class DynamicLlavaStaticCache(DynamicLlavaCache):
+    """
+    A preallocated `DynamicLlavaCache` for compiled decoding: `generate(cache_implementation="static")` builds it.
 
+    Dense layers hold `max_cache_len` columns; sparse layers `kept prompt + (max_cache_len - prompt)` slots (sized at
+    the first call, when the kept prompt is known). Counters live on the device, writes are in place, shapes never
+    change: a decode step has no host sync and `torch.compile(model.forward, fullgraph=True)` traces it once. Same
+    tokens and decisions as `DynamicLlavaCache`.
+    """
 
-def cache_from_output(output):
-    """The cache of a model output or of `generate(..., return_dict_in_generate=True)`: `cache` in transformers
-    5.x, `past_key_values` in 4.57."""
-    for key in ("cache", "past_key_values"):
-        if key in output and output[key] is not None:
-            return output[key]
-    raise ValueError("this output holds no cache; call generate(..., return_dict_in_generate=True) with use_cache")
+    is_compileable = True
+
+    def __init__(self, config: Any = None, *, max_cache_len: int, **kwargs: Any):
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+        self.dense_positions: torch.Tensor | None = None
+        self.dense_columns: torch.Tensor | None = None
+        self.length: torch.Tensor | None = None
+        super().__init__(config, **kwargs)
+
+    def _make_table(self, block_size: int) -> SlotTable:
+        return SlotTable(block_size, static_capacity=self.max_cache_len)
+
+    def _make_log(self, block_size: int) -> RowLog:
+        return RowLog(block_size, static_slots=self.max_cache_len)
+
+    def _dense_layer(self) -> DynamicLayer:
+        return StaticDenseLayer(self)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The logical length (one host sync: call it between steps, not inside a compiled step)."""
+        return 0 if self.length is None else int(self.length)
+
+    def begin_dense(self, positions: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
+        """
+        Place this call's `[batch, q]` tokens in the dense columns (before the dense layers run).
+
+        Returns:
+            `[batch, max_cache_len]` long key positions of the dense layers (-1: padding or empty).
+        """
+        batch, q = positions.shape
+        if self.dense_positions is None:
+            device = positions.device
+            self.dense_positions = torch.full((batch, self.max_cache_len), -1, dtype=torch.long, device=device)
+            self.length = torch.zeros((), dtype=torch.long, device=device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.dense_positions)
+                torch._dynamo.mark_static_address(self.length)
+        if self.is_empty is False and q > 1 and self.get_seq_length() + q > self.max_cache_len:
+            raise ValueError(
+                f"DynamicLlavaStaticCache is full: max_cache_len={self.max_cache_len}, {self.get_seq_length()} used and "
+                f"this call adds {q}. Build it with a larger max_cache_len."
+            )
+        if self.is_empty and q > self.max_cache_len:
+            raise ValueError(
+                f"The prompt has {q} tokens but DynamicLlavaStaticCache holds max_cache_len={self.max_cache_len}; "
+                "build it with a larger max_cache_len."
+            )
+        self.dense_columns = self.length + torch.arange(q, device=positions.device)
+        self.dense_positions.index_copy_(1, self.dense_columns, torch.where(token_valid, positions, -1))
+        return self.dense_positions
+
+    def admit(self, chunk: SparseChunk, plainly_causal: bool = False) -> torch.Tensor | None:
+        if self.is_empty and self.is_sparse:
+            # sparse slots: the kept prompt plus what the remaining columns can add (known at the first call)
+            self.table.static_capacity = self.max_cache_len - chunk.num_new_tokens + chunk.positions.shape[1]
+        key_positions = super().admit(chunk, plainly_causal=False)
+        self.length += chunk.num_new_tokens
+        return key_positions
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        super().select_rows(index)
+        if self.dense_positions is not None:
+            self.dense_positions = self.dense_positions.index_select(0, index.to(self.dense_positions.device))
+
+    def reset(self) -> None:
+        super().reset()
+        self.dense_positions = self.dense_columns = self.length = None

@@ -9,12 +9,16 @@
 * Loss = cross-entropy + mask_loss_weight * [mean_b (r_img - mean(M_img_b))^2 + mean_b (t_b - mean(M_out_b))^2].
 
 The masked softmax is an attention function (`TRAINING_ATTENTION`) that the sparse layers get through their
-`**kwargs` (`dynamic_llava_keep`); without that kwarg (the dense layers) it is sdpa.
+`**kwargs` (`dynamic_llava_keep`); without that kwarg (the dense layers) it is sdpa. Its causal and padding
+structure is the position-tag rule of `sparse_masks.visible_keys` (padding columns are never kept), so a left-padded
+row trains as it would alone.
+
+This file is a Hub remote-code module.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +35,22 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
 
 
-def masked_softmax_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             dynamic_llava_keep: Optional[torch.Tensor] = None, **kwargs):  # fmt: skip
+def masked_softmax_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    dynamic_llava_keep: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Args:
         query: `[B, H, T, D]`; key, value: `[B, kv_heads, T, D]`.
+        attention_mask: for the sparse layers, `[B, 1, T, T]` bool from `sparse_masks.visible_keys` (causal and
+            padding; True = visible); for the dense layers whatever their stock mask is.
         dynamic_llava_keep: `[B, T]` float keep mask (straight-through); None -> plain sdpa (dense layers).
     Returns:
         `([B, T, H, D], weights [B, H, T, T])`.
@@ -43,15 +58,15 @@ def masked_softmax_attention(module, query, key, value, attention_mask, scaling=
     if dynamic_llava_keep is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
     length = scores.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
-    x = scores.masked_fill(~causal, float("-inf"))
+    x = scores.masked_fill(~attention_mask, float("-inf"))  # causal and padding columns: exp() = 0
     x = x - x.amax(dim=-1, keepdim=True)
     eye = torch.eye(length, dtype=torch.bool, device=scores.device)
     keep = dynamic_llava_keep.float()[:, None, None, :]
@@ -64,10 +79,13 @@ def masked_softmax_attention(module, query, key, value, attention_mask, scaling=
 
 
 def register_training_attention() -> None:
-    """Make `TRAINING_ATTENTION` known to transformers (called when a model enters training mode)."""
+    """Make `TRAINING_ATTENTION` known to transformers (called when a model enters training mode): the attention
+    function, and the mask format of its dense layers (sdpa's)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(TRAINING_ATTENTION, masked_softmax_attention)
+    AttentionMaskInterface.register(TRAINING_ATTENTION, sdpa_mask)
 
 
 def straight_through_keep(logits: torch.Tensor, tau: float, noise: bool = True) -> torch.Tensor:
@@ -94,6 +112,11 @@ def answer_span(labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = N
     start = torch.where(ignored, positions, torch.full_like(positions, -1)).amax(-1) + 1
     end = torch.where(real, positions, torch.full_like(positions, -1)).amax(-1) + 1
     return start, end
+
+
+def budget_loss(target: torch.Tensor | float, ratio: torch.Tensor) -> torch.Tensor:
+    """`mean_b (target_b - ratio_b)^2`: the keep-budget term of one predictor (`ratio` `[B]`, the mask means)."""
+    return ((target - ratio) ** 2).mean()
 
 
 def temperature(step: int, max_steps: int) -> float:

@@ -8,7 +8,7 @@ from helpers import cache_of, stock_llava
 from transformers import DynamicCache
 
 from dynamic_llava import DynamicLlavaCache, DynamicLlavaConfig
-from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
+from dynamic_llava.transformers_compat import CACHE_KEY, image_features_list
 from dynamic_llava.tools.tiny import IMAGE_TOKEN_ID, calibrate_output_text_bias, tiny_config, tiny_inputs, tiny_model
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -80,7 +80,12 @@ def masked_reference(model, inputs_embeds, positions, keep, compute_last=True):
 def embeds_of(model, input_ids, pixel_values):
     embeds = model.get_input_embeddings()(input_ids)
     mask = input_ids == IMAGE_TOKEN_ID
-    features = model._image_features(pixel_values, None, None, None, mask)
+    out = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    )
+    features = torch.cat(image_features_list(out), dim=0)
     return embeds.masked_scatter(mask[..., None], features)
 
 
@@ -141,7 +146,7 @@ def test_cached_and_uncached_generate_agree(calibrated_model):
             output_text_start=prompt_len,
         )  # fmt: skip
     assert torch.equal(last.output_text_keep[0], decisions)
-    assert torch.equal(last.kept_vision_indices[0][0], cache_of(cached).kept_vision_indices[0])
+    assert torch.equal(last.kept_vision_indices[0][0], cache_of(cached).kept_vision_indices[0][0])
 
 
 # ---- 4. batch row == row alone ---------------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ def test_batch_rows_equal_rows_alone(attn, calibrated_model, batch_inputs):
         alone = model.generate(**alone_inputs, max_new_tokens=n, **GREEDY)
         alone_cache = cache_of(alone)
         assert torch.equal(batch.sequences[row, width:], alone.sequences[0, real.sum() :])
-        assert torch.equal(batch_cache.kept_vision_indices[row], alone_cache.kept_vision_indices[0])
+        assert torch.equal(batch_cache.kept_vision_indices[row][0], alone_cache.kept_vision_indices[0][0])
         assert torch.equal(batch_cache.output_text_keep[row], alone_cache.output_text_keep[0])
         assert torch.equal(lengths[:, row], alone_cache.kept_lengths()[:, 0])
         kept_total.append(int(lengths[-1, row]))
@@ -182,8 +187,8 @@ def test_batch_rows_equal_rows_alone(attn, calibrated_model, batch_inputs):
     expected = l * 3 * dense_len * per_entry + (num_layers - l) * 3 * max(kept_total) * per_entry
     assert batch_cache.stored_bytes() == expected
     assert batch_cache.dense_bytes() == num_layers * 3 * dense_len * per_entry
-    for layer in batch_cache.sparse_layers:
-        assert layer.keys.shape[-2] == max(kept_total)
+    for layer in batch_cache.sparse_layers:  # capacity: the longest row plus at most one block
+        assert max(kept_total) <= layer.keys.shape[-2] <= max(kept_total) + batch_cache.table.block_size + 1
 
 
 # ---- 5. cache contents after N tokens, and a second user turn ---------------------------------------------------------
@@ -204,8 +209,8 @@ def test_sparse_layers_hold_prompt_kept_plus_kept_generated_and_second_turn(cali
     assert lengths[:l].tolist() == [prompt_len + n - 1] * l
     assert lengths[l:].tolist() == [prompt_kept + kept_generated] * (len(lengths) - l)
     assert cache.get_seq_length() == prompt_len + n - 1
-    positions = cache.stored_positions()[0]
-    assert positions.tolist() == sorted(positions.tolist())
+    positions = cache.table.positions[0, : cache.table.lengths[0]]
+    assert positions.tolist() == sorted(positions.tolist()) and min(positions.tolist()) >= 0
 
     # second user turn through the returned cache: the chunk (last answer token + new turn) is cached fully
     turn = torch.tensor([[20, 21, 22, 23]])
@@ -285,7 +290,7 @@ def test_reorder_and_batch_ops_move_bookkeeping_with_rows(calibrated_model, batc
     assert torch.equal(moved.kept_lengths(), lengths[:, perm])
     for i, j in enumerate(perm.tolist()):
         assert torch.equal(moved.output_text_keep[i], decisions[j])
-        assert torch.equal(moved.kept_vision_indices[i], vision[j])
+        assert torch.equal(moved.kept_vision_indices[i][0], vision[j][0])
     # one more decode step on the reordered cache == the same step on the original rows
     next_ids = out.sequences[:, -1:]
     mask = torch.cat([batch_inputs["attention_mask"], torch.ones(3, 8, dtype=torch.long)], dim=-1)
@@ -348,7 +353,7 @@ def test_dtypes_and_attention_run(calibrated_model, batch_inputs, dtype, attn):
     assert cache.layers[-1].keys.dtype == dtype
     assert all(torch.isfinite(step).all() for step in out.logits)
     assert cache.stored_bytes() < cache.dense_bytes()
-    assert all(len(v) == int(16 * model.config.vision_keep_rate) for v in cache.kept_vision_indices)
+    assert all(len(v[0]) == int(16 * model.config.vision_keep_rate) for v in cache.kept_vision_indices)
 
 
 # ---- 8. bad input -------------------------------------------------------------------------------------------------
@@ -369,16 +374,18 @@ def test_wrong_pixel_shape_is_a_clear_error(calibrated_model):
 
 def test_plain_dynamic_cache_is_refused_or_converted(calibrated_model):
     inputs = tiny_inputs([(5, 6, 7)])
-    # an empty plain cache is swapped for ours
-    out = calibrated_model.generate(
-        **inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, **{CACHE_KEY: DynamicCache()}
-    )
-    assert isinstance(cache_of(out), DynamicLlavaCache)
+    # an empty plain cache is refused with the fix (a silent swap would leave the caller's object empty)
+    with pytest.raises(TypeError, match="needs its own cache.*DynamicLlavaCache\\(model.config\\)"):
+        calibrated_model.generate(**inputs, max_new_tokens=3, **{CACHE_KEY: DynamicCache()})
+    # the caller's own DynamicLlavaCache is filled in place
+    own = DynamicLlavaCache(calibrated_model.config)
+    out = calibrated_model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **{CACHE_KEY: own})
+    assert cache_of(out) is own and own.get_seq_length() == inputs["input_ids"].shape[1] + 2
     # a filled one cannot be: it holds entries the sparse layers would have dropped
     stock = stock_llava(calibrated_model)
     filled = stock(**inputs, use_cache=True)
     filled_cache = filled[CACHE_KEY]
-    with pytest.raises(TypeError, match="needs a DynamicLlavaCache.*Pass none"):
+    with pytest.raises(TypeError, match="needs its own cache.*Pass no cache"):
         calibrated_model(input_ids=inputs["input_ids"][:, -1:], **{CACHE_KEY: filled_cache})
 
 
@@ -415,7 +422,7 @@ def test_model_state_dict_matches_stock_plus_predictors(calibrated_model):
     ours = set(calibrated_model.state_dict())
     extra = ours - set(stock.state_dict())
     assert ours >= set(stock.state_dict())
-    assert extra and all(k.split(".")[0] in ("image_score_predictor", "output_text_score_predictor") for k in extra)
+    assert extra and all(k.split(".")[:2] in (["model", "image_score_predictor"], ["model", "output_text_score_predictor"]) for k in extra)
 
 
 def test_labels_loss_follows_the_computed_positions(calibrated_model):

@@ -1,14 +1,14 @@
-"""Property tests of `SparseLayer` against a dense, masked reference (hypothesis)."""
+"""Property tests of the sparse cache (slot table + `SparseLayer`) against a dense, masked reference (hypothesis)."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynamic_llava import DynamicLlavaCache, SparseLayer
-from dynamic_llava.modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from dynamic_llava import DynamicLlavaCache
+from dynamic_llava.sparse_cache import SparseChunk
+from dynamic_llava.sparse_masks import visible_keys
 
 HEADS, DIM = 2, 3
-sparse_mask = DynamicLlavaForConditionalGeneration._sparse_mask
 
 
 class DenseReference:
@@ -21,19 +21,15 @@ class DenseReference:
         self.keep = torch.zeros(batch, 0, dtype=torch.bool)
 
     def attend(self, query, k, v, pos, store, valid):
-        """Attention of the chunk's queries over (kept past) + (chunk, causal by position)."""
+        """Attention of the chunk's queries over (kept past) + (chunk, causal by position; each sees itself)."""
         keys = torch.cat([self.keys, k], dim=2)
         values = torch.cat([self.values, v], dim=2)
         key_pos = torch.cat([self.positions, pos], dim=1)
-        past_visible = self.keep
-        key_ok = torch.cat([past_visible, valid], dim=1)
+        key_ok = torch.cat([self.keep, valid], dim=1)
         visible = key_ok[:, None, :] & (key_pos[:, None, :] <= pos[:, :, None])
-        q = pos.shape[1]
-        offset = keys.shape[2] - q
-        visible[:, torch.arange(q), offset + torch.arange(q)] = True
         out = _attention(query, keys, values, visible)
         self.keys, self.values = keys, values
-        self.positions, self.keep = key_pos, torch.cat([past_visible, store & valid], dim=1)
+        self.positions, self.keep = key_pos, torch.cat([self.keep, store & valid], dim=1)
         return out
 
     def select(self, index):
@@ -56,12 +52,14 @@ chunk_strategy = st.tuples(
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 4),
-    chunks=st.lists(chunk_strategy, min_size=1, max_size=6),
-    reorder_after=st.integers(0, 6),
+    chunks=st.lists(chunk_strategy, min_size=1, max_size=8),
+    reorder_after=st.integers(0, 8),
     pad_first=st.booleans(),
+    block_size=st.sampled_from([1, 3, 64]),
 )
-def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_after, pad_first):
-    layer = SparseLayer()
+def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_after, pad_first, block_size):
+    cache = DynamicLlavaCache(num_hidden_layers=2, sparse_layer=1, block_size=block_size)
+    layer = cache.layers[1]
     ref = DenseReference(batch)
     next_pos = torch.zeros(batch, dtype=torch.long)
     for step, (length, seed) in enumerate(chunks):
@@ -77,29 +75,33 @@ def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_afte
         pos = next_pos[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
         next_pos = next_pos + valid.sum(-1)
 
-        stored_before = layer.positions.clone() if layer.is_initialized else None
-        layer.stage(store & valid, pos, length)
+        cache.layers[0].update(k, v, 0)
+        chunk = SparseChunk(valid, pos, valid, store & valid, length, is_prompt=True)
+        key_positions = cache.admit(chunk)
         keys, values = layer.update(k, v)
-        mask = sparse_mask(stored_before, pos, valid, torch.float32, "sdpa")[:, 0]
+        mask = visible_keys(key_positions, pos, valid)[:, 0]
         ours = _attention(query, keys, values, mask)
         expected = ref.attend(query, k, v, pos, store, valid)
-        assert torch.allclose(ours, expected, atol=1e-5)
+        real = valid[:, None, :, None].expand_as(ours)  # padding queries' outputs are never used
+        assert torch.allclose(ours[real], expected[real], atol=1e-5)
 
-        # storage: each row holds exactly its kept entries, in order, left-aligned; width = max kept
+        # storage: each row holds exactly its kept entries, in order, left-aligned; bounded spare capacity
         counts = ref.keep.sum(-1)
         assert torch.equal(layer.kept_length(), counts)
-        assert layer.keys.shape[2] == int(counts.max())
+        # (spare slots: one block, plus the tokens of the call that last grew it, dropped or not)
+        largest = max(c[0] for c in chunks[: step + 1])
+        assert int(counts.max()) <= layer.keys.shape[2] <= int(counts.max()) + block_size + largest
         for b in range(batch):
             n = int(counts[b])
             assert torch.equal(layer.keys[b, :, :n], ref.keys[b][:, ref.keep[b]])
             assert torch.equal(layer.values[b, :, :n], ref.values[b][:, ref.keep[b]])
-            assert torch.equal(layer.positions[b, :n], ref.positions[b][ref.keep[b]])
-            assert (layer.positions[b, n:] == -1).all()
+            assert torch.equal(cache.table.positions[b, :n], ref.positions[b][ref.keep[b]])
+            assert (cache.table.positions[b, n:] == -1).all()
         assert layer.get_seq_length() == sum(c[0] for c in chunks[: step + 1])
 
         if step == reorder_after:  # beam-style reorder, with duplicated rows
             index = torch.randint(0, batch, (batch,), generator=g)
-            layer.reorder_cache(index)
+            cache.reorder_cache(index)
             ref.select(index)
             next_pos = next_pos[index]
 
@@ -110,14 +112,17 @@ def test_cache_bytes_and_lengths_for_a_known_pattern():
     valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
     store = torch.tensor([[False, True, False, True], [True, False, False, True]])
     pos = torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]])
-    cache.observe_tokens(valid)
     cache.update(k, k, 0)
-    cache.stage_sparse_chunk(store, pos, 4)
+    key_positions = cache.admit(SparseChunk(valid, pos, valid, store, 4))
+    assert key_positions[:, :4].tolist() == [[0, 2, 1, -1], [0, 3, 1, 2]]  # stored first; dropped: this call only
     for i in (1, 2):
         cache.update(k, k, i)
     assert cache.kept_lengths().tolist() == [[3, 4], [2, 2], [2, 2]]
     entry = 2 * HEADS * DIM * 4
     assert cache.stored_bytes() == 2 * 4 * entry + 2 * (2 * 2 * entry)
+    assert cache.allocated_bytes() == 2 * 4 * entry + 2 * (2 * cache.table.capacity * entry)
     assert cache.dense_bytes() == 3 * 2 * 4 * entry
     assert cache.get_seq_length() == 4
-    assert cache.stored_positions().tolist() == [[0, 2], [0, 3]]
+    lengths = cache.table.lengths.tolist()
+    assert [cache.table.positions[b, : lengths[b]].tolist() for b in range(2)] == [[0, 2], [0, 3]]
+    assert (cache.table.positions[:, 2:] == -1).all()  # dropped tokens are not kept past their call
