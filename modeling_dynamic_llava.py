@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from .configuration_dynamic_llava import PER_CALL_FIELDS, DynamicLlavaConfig, SparsitySettings
 from .sparse_cache import DynamicLlavaCache, DynamicLlavaStaticCache, SparseChunk
-from .sparse_masks import attention_mask_for, is_plainly_causal, visible_keys
+from .sparse_masks import attention_mask_for, tags, visible_keys
 from .sparse_predictors import ImageScorePredictor, OutputTextScorePredictor, run_predictor
 from .sparse_training import (
     TRAINING_ATTENTION,
@@ -389,7 +389,7 @@ class DynamicLlavaModel(LlavaModel):
             )
             key_positions = cache.admit(chunk, plainly_causal=plainly_causal)
         else:
-            key_positions = torch.where(valid, positions, -1)
+            key_positions = tags(positions, valid)
         if plainly_causal:
             sparse_mask = None  # keys == queries in order: sdpa runs causal, with its flash / efficient kernels
         elif training:
@@ -446,18 +446,22 @@ class DynamicLlavaModel(LlavaModel):
         output_text_keep = scored = None
         if settings.use_output_text_predictor and generated_from is not None:
             scored = token_valid[:, generated_from:]
-            logits = run_predictor(self.output_text_score_predictor, hidden[:, generated_from:])
-            output_text_keep = logits[..., 0] > logits[..., 1]  # strict, as the original
+            # keep iff logit 0 > logit 1 (strict, as the original); a decode step runs the predictor on `[batch, H]`
+            if q == 1:
+                logits = run_predictor(self.output_text_score_predictor, hidden[:, 0])
+                output_text_keep = logits[:, :1] > logits[:, 1:]
+            else:
+                logits = run_predictor(self.output_text_score_predictor, hidden[:, generated_from:])
+                output_text_keep = logits[..., 0] > logits[..., 1]
             if generated_from == 0:
                 store = store & output_text_keep
             else:
                 store = torch.cat([store[:, :generated_from], store[:, generated_from:] & output_text_keep], dim=-1)
 
         if q == 1:
-            compute = torch.ones_like(store)
-        else:
-            compute = store.clone()
-            compute[:, -1] = True  # the current token always computes
+            return _Selection(store, store, kept_vision, output_text_keep, scored)  # (the token always computes)
+        compute = store.clone()
+        compute[:, -1] = True  # the current token always computes
         return _Selection(store, compute, kept_vision, output_text_keep, scored)
 
     def _training_selection(

@@ -5,8 +5,8 @@ the same slots, so the slot bookkeeping lives once, in a `SlotTable`:
 
 * each row's kept entries occupy slots `[0, lengths[row])`, left-aligned; storage is `batch x capacity`, never
   `batch x full length`;
-* each slot is tagged with the original (RoPE) position of its token, `-1` when empty; the mask rule of
-  `sparse_masks.visible_keys` reads only these tags.
+* each slot is tagged with the original (RoPE) position of its token, `EMPTY` when it holds nothing; the mask
+  rule of `sparse_masks.visible_keys` (a query at position p sees a slot iff its tag <= p) reads only these tags.
 
 Protocol (one hand-over per forward): after scoring at `sparse_layer`, the model calls `cache.admit(SparseChunk)`
 with what this chunk computes and keeps; the cache places the chunk's tokens in their slots (device-side write index,
@@ -15,7 +15,7 @@ no host sync), records the decisions, and returns the key positions the sparse l
 
 Capacity grows in blocks of `block_size` slots. The host keeps an upper bound of the used width; only when that
 bound would pass the capacity does the cache read the real longest row (one host sync per block of decode steps)
-and compact or grow. Attention reads the allocated capacity; empty slots are tagged -1, so they are masked.
+and compact or grow. Attention reads the allocated capacity; empty slots are tagged `EMPTY`, so they are masked.
 
 `DynamicLlavaStaticCache` preallocates everything (static shapes, no host sync at all while decoding, compilable).
 
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .sparse_masks import EMPTY, tags
 from .transformers_compat import cache_from_output, query_length
 
 __all__ = [
@@ -113,7 +114,9 @@ class SlotTable:
     """
     Slot bookkeeping shared by the sparse layers of one cache.
 
-    positions: `[batch, capacity]` long, each slot's token position, -1 if empty.
+    positions: `[batch, capacity]` long, each slot's position tag (`EMPTY` if it holds nothing). Slots from
+        `lengths[row]` on are empty, except that slot `lengths[row]` keeps the tag of a token a one-token call
+        computed but dropped until the next call, which always writes that slot first.
     lengths: `[batch]` long, entries stored per row (slots `[0, lengths[row])`).
     write_index: `[batch, c]` long, the slot of each token of the current call (set by `admit`).
     capacity: slots allocated per row (host int); used_bound: a host upper bound of `lengths.max()`.
@@ -139,7 +142,7 @@ class SlotTable:
     def _ensure(self, batch: int, needed: int, device: torch.device) -> None:
         """Make room for `needed` more slots per row (dynamic: one host sync when the bound would pass capacity)."""
         if self.positions is None:
-            self.positions = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+            self.positions = torch.full((batch, 0), EMPTY, dtype=torch.long, device=device)
             self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         if self.static_capacity is not None:  # fixed: the dense columns overflow first (a clear index error)
             if self.capacity == 0:
@@ -154,7 +157,8 @@ class SlotTable:
 
     def _resize(self, capacity: int) -> None:
         batch = self.positions.shape[0]
-        self.positions = _grow(self.positions, (batch, capacity), -1, 1, dtype=torch.long, device=self.positions.device)
+        device = self.positions.device
+        self.positions = _grow(self.positions, (batch, capacity), EMPTY, 1, dtype=torch.long, device=device)
         self.capacity = capacity
         self._mark_static()
 
@@ -173,8 +177,8 @@ class SlotTable:
     ) -> torch.Tensor:
         """
         Place a computed chunk: stored tokens at `lengths[row] + rank` (left-aligned, in order), the others after
-        them (their persistent tags stay -1; later writes overwrite them). Stored tokens are tagged with their
-        positions; a valid token that is not stored is tagged for this call's mask only (it sees itself).
+        them. Stored tokens keep their tags; a valid token that is not stored is tagged for this call's mask only
+        (it sees itself); filler and padding are never tagged.
 
         Args:
             positions, valid, store: `[batch, c]` (see `SparseChunk`).
@@ -182,31 +186,41 @@ class SlotTable:
             plainly_causal: the caller checked that keys == queries in order (first prefill, nothing dropped but
                 possibly the last token): attention may then read only the first `c` slots without a mask.
         Returns:
-            `[batch, capacity]` long key positions for this call's mask.
+            `[batch, width]` long key positions for this call's mask.
         """
         batch, c = positions.shape
         self._ensure(batch, c, positions.device)
         if c == 1:
-            dest = self.lengths[:, None].clone()  # (lengths moves on below, in place)
+            # decode: each row writes slot lengths[row], tagged for this call even if dropped; the next call writes
+            # that slot first, so a dropped token's tag does not outlive its call (no second write needed)
+            dest = self.lengths.view(batch, 1)
+            self.positions.scatter_(1, dest, tags(positions, valid))
+            key_positions = self.positions
+            if self.static_capacity is None:
+                self.lengths = self.lengths + store.view(batch)  # (out of place: `dest` keeps this call's slots)
+            else:
+                dest = dest.clone()
+                self.lengths += store.view(batch)  # (in place: a static address)
         else:  # stored tokens first (in order), then computed-but-dropped ones, then filler/padding
             dest = self.lengths[:, None] + _ranks_in_groups(store, valid & ~store)
-        key_positions = self.positions.scatter(1, dest, torch.where(valid, positions, -1))
-        self.positions.scatter_(1, dest, torch.where(store, positions, -1))
-        self.lengths += store.sum(-1)
+            key_positions = self.positions.scatter(1, dest, tags(positions, valid))
+            self.positions.scatter_(1, dest, tags(positions, store))
+            self.lengths += store.sum(-1)
         if self.static_capacity is None:  # (a static table keeps no host counters: nothing to retrace per step)
             self.used_bound += c
             self.logical_length += num_new_tokens
         self.write_index = dest
         self._expanded = {}
         self.read_width = c if plainly_causal else self.capacity
-        return key_positions
+        return key_positions if self.read_width == self.capacity else key_positions[:, : self.read_width]
 
     def expanded_index(self, like: torch.Tensor) -> torch.Tensor:
         """`write_index` as a scatter index shaped like `like` (`[batch, heads, c, dim]`), shared by the layers."""
         key = (like.shape[1], like.shape[-1], like.device)
         index = self._expanded.get(key)
         if index is None:
-            index = self.write_index.to(like.device)[:, None, :, None].expand(-1, like.shape[1], -1, like.shape[-1])
+            batch, c = self.write_index.shape
+            index = self.write_index.to(like.device).view(batch, 1, c, 1).expand(-1, like.shape[1], -1, like.shape[-1])
             self._expanded[key] = index
         return index
 
@@ -392,7 +406,9 @@ class RowLog:
     real_tokens: `[batch]` long, real tokens each row was shown (what its dense layers really hold).
     finished: `[batch]` bool, the row was fed an end-of-sequence token and is only padded from there on.
     vision: per row, one LongTensor per image (kept indices inside the image, ascending).
-    decisions: `[batch, slots]` bool output-text decisions; row `b` holds `decision_counts[b]` of them.
+    output-text decisions: per call, `keep` `[batch, n]` and `scored` `[batch, n]` (which were real tokens of a live
+        row), appended as they come (no device work per step) and gathered per row when asked; a static cache writes
+        them into a preallocated `[batch, slots]` buffer instead (no Python state changes inside a compiled step).
     """
 
     def __init__(self, block_size: int = 64, static_slots: int | None = None):
@@ -401,20 +417,20 @@ class RowLog:
         self.real_tokens: torch.Tensor | None = None
         self.finished: torch.Tensor | None = None
         self.vision: list[list[torch.Tensor]] = []
-        self.decisions: torch.Tensor | None = None
-        self.decision_counts: torch.Tensor | None = None
-        self.decision_bound = 0
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decisions: torch.Tensor | None = None  # static: [batch, slots] bool
+        self.decision_counts: torch.Tensor | None = None  # static: [batch] long
 
     def _init(self, batch: int, device: torch.device) -> None:
         self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.decision_counts = torch.zeros(batch, dtype=torch.long, device=device)
-        slots = self.static_slots if self.static_slots is not None else 0
-        self.decisions = torch.zeros(batch, slots, dtype=torch.bool, device=device)
-        if self.static_slots is not None and not torch.compiler.is_compiling():
-            for tensor in (self.real_tokens, self.finished, self.decision_counts, self.decisions):
-                torch._dynamo.mark_static_address(tensor)
         self.vision = [[] for _ in range(batch)]
+        if self.static_slots is not None:
+            self.decisions = torch.zeros(batch, self.static_slots, dtype=torch.bool, device=device)
+            self.decision_counts = torch.zeros(batch, dtype=torch.long, device=device)
+            if not torch.compiler.is_compiling():
+                for tensor in (self.real_tokens, self.finished, self.decision_counts, self.decisions):
+                    torch._dynamo.mark_static_address(tensor)
 
     def live_rows(self, chunk: SparseChunk) -> torch.Tensor:
         """Update `finished` with this call; `[batch]` bool, the rows this call may change."""
@@ -427,40 +443,61 @@ class RowLog:
         return ~self.finished
 
     def record(self, chunk: SparseChunk, live: torch.Tensor) -> None:
-        self.real_tokens += (chunk.token_valid & live[:, None]).sum(-1)
+        batch, q = chunk.token_valid.shape
+        if q == 1:
+            real = chunk.token_valid.view(batch) & live
+            self.real_tokens += real
+        else:
+            self.real_tokens += (chunk.token_valid & live[:, None]).sum(-1)
         if chunk.kept_vision_indices is not None:
-            for row, images in zip(self.vision, chunk.kept_vision_indices):
+            for row, images in zip(self.vision, chunk.kept_vision_indices, strict=True):
                 row.extend(images)
-        if chunk.output_text_keep is not None:
-            self._record_decisions(chunk.output_text_keep, chunk.output_text_scored & live[:, None])
-
-    def _record_decisions(self, keep: torch.Tensor, scored: torch.Tensor) -> None:
+        if chunk.output_text_keep is None:
+            return
+        keep = chunk.output_text_keep
+        scored = real.view(batch, 1) if q == 1 else chunk.output_text_scored & live[:, None]
+        if self.static_slots is None:
+            self.calls.append((keep, scored))
+            return
         n = keep.shape[1]
-        if self.static_slots is None and self.decision_bound + n > self.decisions.shape[1]:
-            width = self.decision_bound + n + self.block_size
-            self.decisions = _grow(self.decisions, (keep.shape[0], width), False, 1, device=self.decisions.device)
         if n == 1:
-            dest = self.decision_counts[:, None].clone()
+            dest = self.decision_counts.view(batch, 1).clone()
         else:
             dest = self.decision_counts[:, None] + _ranks_in_groups(scored, torch.zeros_like(scored))
         self.decisions.scatter_(1, dest, keep.to(self.decisions.device))
         self.decision_counts += scored.sum(-1)
-        if self.static_slots is None:
-            self.decision_bound += n
+
+    def _gather_calls(self) -> None:
+        """Fold the calls logged so far into one `[batch, n]` pair (before a row selection or a read)."""
+        if len(self.calls) > 1:
+            keep = torch.cat([k.to(self.calls[0][0].device) for k, _ in self.calls], dim=1)
+            scored = torch.cat([s.to(self.calls[0][1].device) for _, s in self.calls], dim=1)
+            self.calls = [(keep, scored)]
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.real_tokens is None:
             return
-        for name in ("real_tokens", "finished", "decisions", "decision_counts"):
+        names = ["real_tokens", "finished"] + (["decisions", "decision_counts"] if self.static_slots else [])
+        for name in names:
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        self._gather_calls()
+        self.calls = [(k.index_select(0, index.to(k.device)), s.index_select(0, index.to(s.device))) for k, s in self.calls]
         self.vision = [list(self.vision[i]) for i in index.tolist()]
 
     def output_text_keep(self) -> list[torch.Tensor]:
+        """Per row, one bool per generated token it was fed while live."""
         if self.real_tokens is None:
             return []
-        counts = self.decision_counts.tolist()
-        return [self.decisions[b, :n].clone() for b, n in enumerate(counts)]
+        if self.static_slots is not None:
+            counts = self.decision_counts.tolist()
+            return [self.decisions[b, :n].clone() for b, n in enumerate(counts)]
+        batch = self.real_tokens.shape[0]
+        if not self.calls:
+            return [torch.zeros(0, dtype=torch.bool) for _ in range(batch)]
+        self._gather_calls()
+        keep, scored = self.calls[0]
+        return [keep[b][scored[b]] for b in range(batch)]
 
     def reset(self) -> None:
         self.__init__(self.block_size, self.static_slots)
@@ -696,11 +733,16 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     def __init__(self, config: Any = None, *, max_cache_len: int, **kwargs: Any):
         if max_cache_len < 1:
             raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.dense_positions: torch.Tensor | None = None
         self.dense_columns: torch.Tensor | None = None
         self.length: torch.Tensor | None = None
         super().__init__(config, **kwargs)
+
+    @property
+    def max_cache_len(self) -> int:
+        """Columns of the dense layers (the sparse layers hold the kept prompt plus the rest of this budget)."""
+        return self._max_cache_len
 
     def _make_table(self, block_size: int) -> SlotTable:
         return SlotTable(block_size, static_capacity=self.max_cache_len)
@@ -720,12 +762,12 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         Place this call's `[batch, q]` tokens in the dense columns (before the dense layers run).
 
         Returns:
-            `[batch, max_cache_len]` long key positions of the dense layers (-1: padding or empty).
+            `[batch, max_cache_len]` long key positions of the dense layers (`EMPTY`: padding or unused).
         """
         batch, q = positions.shape
         if self.dense_positions is None:
             device = positions.device
-            self.dense_positions = torch.full((batch, self.max_cache_len), -1, dtype=torch.long, device=device)
+            self.dense_positions = torch.full((batch, self.max_cache_len), EMPTY, dtype=torch.long, device=device)
             self.length = torch.zeros((), dtype=torch.long, device=device)
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self.dense_positions)
@@ -741,7 +783,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
                 "build it with a larger max_cache_len."
             )
         self.dense_columns = self.length + torch.arange(q, device=positions.device)
-        self.dense_positions.index_copy_(1, self.dense_columns, torch.where(token_valid, positions, -1))
+        self.dense_positions.index_copy_(1, self.dense_columns, tags(positions, token_valid))
         return self.dense_positions
 
     def admit(self, chunk: SparseChunk, plainly_causal: bool = False) -> torch.Tensor | None:

@@ -1,10 +1,10 @@
 """The one position-tag rule behind every mask of the sparse layers.
 
-Every key a sparse layer attends to carries a tag: the original (RoPE) position of its token, or `-1` for an empty
-slot (padding, a dropped token, unused capacity). A query at position `p` sees a key iff the key's tag is `>= 0` and
-`<= p`. Because kept tokens keep their original positions, that one rule gives the causal mask of prefill, of each
-decode step, of a chunk fed into an existing cache, of left-padded and ragged batches, and (with a keep mask on top)
-of training.
+Every key a sparse layer attends to carries a tag: the original (RoPE) position of its token, or `EMPTY` (the
+largest int64) for a slot that holds nothing (padding, a dropped token, unused capacity). A query at position `p`
+sees a key iff the key's tag is `<= p`; an empty slot never is. Because kept tokens keep their original positions,
+that one comparison gives the causal mask of prefill, of each decode step, of a chunk fed into an existing cache, of
+left-padded and ragged batches, and (with a keep mask on top) of training.
 
 This file is a Hub remote-code module.
 """
@@ -13,7 +13,25 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_mask_for", "is_plainly_causal", "visible_keys"]
+__all__ = ["EMPTY", "attention_mask_for", "tags", "visible_keys"]
+
+EMPTY = torch.iinfo(torch.long).max
+
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float | int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 0-d tensor (so a decode step does not create the same scalar again and again)."""
+    key = (value, dtype, device)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        tensor = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return tensor
+
+
+def tags(positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """`[batch, n]` position tags: `positions` where `real`, `EMPTY` elsewhere."""
+    return torch.where(real, positions, _constant(EMPTY, torch.long, positions.device))
 
 
 def visible_keys(
@@ -23,44 +41,31 @@ def visible_keys(
     The position-tag rule.
 
     Args:
-        key_positions: `[batch, keys]` long, each key's position, `-1` for an empty slot.
+        key_positions: `[batch, keys]` long, each key's position tag (`EMPTY` for a slot that holds nothing).
         query_positions: `[batch, q]` long, each query's position.
         query_valid: `[batch, q]` bool, False for filler and padding queries, or None (all valid). Such a query sees
             every slot, so its softmax stays finite; its output is never used.
     Returns:
         `[batch, 1, q, keys]` bool, True = the query attends to the key.
     """
-    keys = key_positions[:, None, :]
-    visible = (keys >= 0) & (keys <= query_positions[:, :, None])
+    visible = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
     if query_valid is not None:
-        visible = visible | ~query_valid[:, :, None]
-    return visible[:, None]
+        visible = visible | ~query_valid[:, None, :, None]
+    return visible
 
 
 def attention_mask_for(visible: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """
-    `visible` (`[batch, 1, q, keys]` bool) in the form the attention function takes: sdpa a bool mask (True =
-    attend), eager an additive float mask (a bool mask would be silently wrong there).
+    `visible` (`[batch, 1, q, keys]` bool) as the additive float mask both sdpa and eager take (0 = attend, the
+    dtype's minimum = masked). Built once per forward and shared by all the layers it serves: handing sdpa a bool
+    mask would make every layer convert it again, and eager needs a float mask (a bool one is silently wrong there).
     """
-    if attn_implementation == "sdpa":
-        return visible
-    if attn_implementation == "eager":
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-            ~visible, torch.finfo(dtype).min
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} is not supported by Dynamic-LLaVA's sparse layers; load the "
+            "model with attn_implementation='sdpa' (default) or 'eager'."
         )
-    raise ValueError(
-        f"attn_implementation={attn_implementation!r} is not supported by Dynamic-LLaVA's sparse layers; load the "
-        "model with attn_implementation='sdpa' (default) or 'eager'."
+    device = visible.device
+    return torch.where(
+        visible, _constant(0.0, dtype, device), _constant(torch.finfo(dtype).min, dtype, device)
     )
-
-
-def is_plainly_causal(key_positions: torch.Tensor, query_positions: torch.Tensor) -> bool:
-    """
-    True when the rule reduces to a plain causal mask over the same tokens (keys are exactly the queries, in
-    ascending order, no empty slot): attention can then run with `is_causal` and no mask, which lets sdpa pick its
-    flash and memory-efficient kernels. One host sync; call it only where one is allowed (prefill).
-    """
-    if key_positions.shape != query_positions.shape:
-        return False
-    ascending = (query_positions[:, 1:] > query_positions[:, :-1]).all() if query_positions.shape[1] > 1 else True
-    return bool(((key_positions == query_positions) & (key_positions >= 0)).all() & ascending)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from dynamic_llava import DynamicLlavaCache
 from dynamic_llava.sparse_cache import SparseChunk
-from dynamic_llava.sparse_masks import visible_keys
+from dynamic_llava.sparse_masks import EMPTY, visible_keys
 
 HEADS, DIM = 2, 3
 
@@ -96,7 +96,9 @@ def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_afte
             assert torch.equal(layer.keys[b, :, :n], ref.keys[b][:, ref.keep[b]])
             assert torch.equal(layer.values[b, :, :n], ref.values[b][:, ref.keep[b]])
             assert torch.equal(cache.table.positions[b, :n], ref.positions[b][ref.keep[b]])
-            assert (cache.table.positions[b, n:] == -1).all()
+            # empty after the kept entries; a one-token call's dropped token keeps its tag until the next call
+            tail = cache.table.positions[b, n + (1 if length == 1 else 0) :]
+            assert (tail == EMPTY).all()
         assert layer.get_seq_length() == sum(c[0] for c in chunks[: step + 1])
 
         if step == reorder_after:  # beam-style reorder, with duplicated rows
@@ -114,7 +116,8 @@ def test_cache_bytes_and_lengths_for_a_known_pattern():
     pos = torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]])
     cache.update(k, k, 0)
     key_positions = cache.admit(SparseChunk(valid, pos, valid, store, 4))
-    assert key_positions[:, :4].tolist() == [[0, 2, 1, -1], [0, 3, 1, 2]]  # stored first; dropped: this call only
+    # stored first, then the dropped ones (tagged for this call only), then padding (never tagged)
+    assert key_positions[:, :4].tolist() == [[0, 2, 1, EMPTY], [0, 3, 1, 2]]
     for i in (1, 2):
         cache.update(k, k, i)
     assert cache.kept_lengths().tolist() == [[3, 4], [2, 2], [2, 2]]
@@ -125,4 +128,4 @@ def test_cache_bytes_and_lengths_for_a_known_pattern():
     assert cache.get_seq_length() == 4
     lengths = cache.table.lengths.tolist()
     assert [cache.table.positions[b, : lengths[b]].tolist() for b in range(2)] == [[0, 2], [0, 3]]
-    assert (cache.table.positions[:, 2:] == -1).all()  # dropped tokens are not kept past their call
+    assert (cache.table.positions[:, 2:] == EMPTY).all()  # dropped tokens are not kept past their call
