@@ -870,6 +870,12 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if implementation is None:
             config = generation_config if generation_config is not None else self.generation_config
             implementation = getattr(config, "cache_implementation", None)
+        given = kwargs.get(CACHE_KEY, kwargs.get("past_key_values"))
+        if given is not None and kwargs.get("use_cache") is False and TRANSFORMERS_MAJOR < 5:
+            raise ValueError(
+                "generate(use_cache=False) with a cache passed in: transformers 4.57's generate() cannot run this "
+                "combination (the stock LLaVA fails too). Pass the cache and leave use_cache on, or drop the cache."
+            )
         if implementation not in SUPPORTED_CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by Dynamic-LLaVA: its sparse layers need "

@@ -150,8 +150,9 @@ class SlotTable:
             return
         if self.used_bound + needed <= self.capacity:
             return
-        self.syncs += 1
-        self.used_bound = int(self.lengths.max()) if self.lengths.numel() else 0
+        if self.capacity:  # (a fresh table knows its bound exactly: no sync)
+            self.syncs += 1
+            self.used_bound = int(self.lengths.max()) if self.lengths.numel() else 0
         if self.used_bound + needed > self.capacity:
             self._resize(self.used_bound + needed + self.block_size)
 
