@@ -1,23 +1,32 @@
 """The `dynamic-llava` command."""
 
+# Results go to stdout; the library's progress and warnings (the `dynamic_llava` logger, INFO and up) and errors go to
+# stderr.
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
-def _demo(args) -> int:
+def _demo(args: argparse.Namespace) -> int:
     import random
 
     import torch
     from PIL import Image
 
-    from ..sparse_cache import cache_from_output
-    from .kept_patches import kept_patches_image, save_png
-    from .synthetic_task import is_correct, make_sample, vicuna_prompt
-    from .synthetic_train import DEMO_MODEL, IMAGE_SIZE, first_image_kept, load_for_eval
+    from .hub.loading import load_for_eval
+    from .sparse_cache import cache_from_output
+    from .synthetic import DEMO_MODEL, IMAGE_SIZE
+    from .synthetic.evaluate import first_image_kept
+    from .synthetic.picture import kept_patches_image, save_png
+    from .synthetic.task import is_correct, make_sample, vicuna_prompt
 
     model, processor = load_for_eval(None)
     sample = make_sample(random.Random(args.seed), IMAGE_SIZE)
@@ -64,49 +73,28 @@ def _image_argument(image: str) -> str:
     return str(path)
 
 
-def _dtype(name):
-    from .hub_folder import parse_dtype
+def _dtype(name: str | None) -> Any:
+    from .hub.folder import parse_dtype
 
     return parse_dtype(name) or "auto"
 
 
-def resolve_model(model: str) -> str:
-    """A local folder as is; a Hub id downloaded with huggingface_hub (its progress bars). One-line errors."""
-    from pathlib import Path
-
-    if Path(model).expanduser().exists():
-        return str(Path(model).expanduser())
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model {model!r} is neither an existing folder nor a Hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return snapshot_download(model)
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"Hub repository {model} was not found (or is private: run `hf auth login`)") from None
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(f"cannot download {model}: offline and not in the local cache") from None
-    except OSError as error:
-        raise OSError(f"cannot download {model}: {type(error).__name__}: {error}") from None
-
-
-def _generate(args) -> int:
+def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
-    from ..sparse_cache import cache_from_output
-    from .export import load_processor
+    from .hub.loading import load_processor, resolve_model
+    from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from .sparse_cache import cache_from_output
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("--prompt is empty; ask a question about the image")
     image = _image_argument(args.image)
     if args.model is None:
-        from .synthetic_train import DEMO_MODEL
+        from .synthetic import DEMO_MODEL
 
         print("[model] none given: the embedded demo model, which only knows the synthetic shapes task", file=sys.stderr)
         args.model = str(DEMO_MODEL)
-    folder = resolve_model(args.model)
+    folder = str(resolve_model(args.model))
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
         kwargs["device_map"] = args.device_map
@@ -134,7 +122,8 @@ def _generate(args) -> int:
     return 0
 
 
-def summary_line(cache, config) -> str:
+def summary_line(cache: Any, config: Any) -> str:
+    """One line: vision tokens kept, generated tokens kept, KV-cache bytes vs a dense cache (row 0)."""
     report = cache.sparsity_report()
     vision = report["vision_tokens_kept"][0]
     kept_v = f"{sum(vision)}/{config.image_seq_length * len(vision)}" if vision else "no image"
@@ -148,8 +137,8 @@ def summary_line(cache, config) -> str:
     )
 
 
-def _convert(args) -> int:
-    from .convert import convert_original_checkpoint
+def _convert(args: argparse.Namespace) -> int:
+    from .hub.convert import convert_original_checkpoint
 
     convert_original_checkpoint(
         args.src, args.out, vision_tower=args.vision_tower, tokenizer=args.tokenizer, dtype=args.dtype,
@@ -159,9 +148,9 @@ def _convert(args) -> int:
     return 0
 
 
-def _export(args) -> int:
-    from .export import export_model
-    from .hub_folder import parse_dtype
+def _export(args: argparse.Namespace) -> int:
+    from .hub.export import export_model
+    from .hub.folder import parse_dtype
 
     export_model(args.model_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                  dtype=parse_dtype(args.dtype))  # fmt: skip
@@ -169,21 +158,22 @@ def _export(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from .bench import run_bench
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.run import format_table, run_bench
 
     if args.model and args.preset:
         raise ValueError("pass --model or --preset, not both")
-    run_bench(
+    results = run_bench(
         model=args.model, preset=args.preset or "llava15-cpu", batch_size=args.batch_size,
         new_tokens=args.new_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats, out=args.out,
         throughput_tokens=args.throughput_tokens,
     )  # fmt: skip
+    print(format_table(results))
     return 0
 
 
-def _train(args) -> int:
-    from .train import train
+def _train(args: argparse.Namespace) -> int:
+    from .training.trainer import train
 
     folder = train(
         args.data, args.images, args.model, args.out, epochs=args.epochs, max_steps=args.max_steps,
@@ -197,8 +187,9 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    from .synthetic_train import evaluate_synthetic, load_for_eval
+def _evaluate(args: argparse.Namespace) -> int:
+    from .hub.loading import load_for_eval
+    from .synthetic.evaluate import evaluate_synthetic
 
     if args.task != "synthetic":
         raise ValueError(f"unknown task {args.task!r}; the one task is 'synthetic'")
@@ -209,16 +200,16 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _synthetic_data(args) -> int:
-    from .synthetic_train import write_synthetic_dataset
+def _synthetic_data(args: argparse.Namespace) -> int:
+    from .synthetic.train import write_synthetic_dataset
 
     folder = write_synthetic_dataset(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.n} samples: --data {folder / 'data.json'} --images {folder / 'images'}")
     return 0
 
 
-def _train_synthetic(args) -> int:
-    from .synthetic_train import train_synthetic
+def _train_synthetic(args: argparse.Namespace) -> int:
+    from .synthetic.train import train_synthetic
 
     folder = train_synthetic(args.out, vision_steps=args.vision_steps, dense_steps=args.dense_steps,
                              sparse_steps=args.sparse_steps, batch_size=args.batch_size, seed=args.seed,
@@ -228,6 +219,7 @@ def _train_synthetic(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="dynamic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="answer a question with the embedded trained model and draw the kept patches")
@@ -338,10 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+@contextlib.contextmanager
+def _library_logging() -> Iterator[None]:
+    """For the duration of a command: the package's log records (INFO and up) to stderr, one plain line each."""
+    logger = logging.getLogger("dynamic_llava")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved_level, saved_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in `argv` (default: the process arguments); returns the exit code (2 on a usage error)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _library_logging():
+            return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError) as error:
         print(f"dynamic-llava {args.command}: error: {error}", file=sys.stderr)
         return 2

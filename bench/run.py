@@ -18,23 +18,28 @@ Every ratio is ours / stock, measured pair by pair in the same run:
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from transformers.utils import logging
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
-from ..modeling_dynamic_llava import CACHE_KEY, DynamicLlavaForConditionalGeneration
+from ..files import atomic_write_text
+from ..hub.folder import parse_dtype
+from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..sparse_cache import cache_from_output
-from .hub_folder import parse_dtype
+from ..training.calibration import calibrate_output_text_bias
+from .accounting import cache_bytes, layer_flops, per_layer_flops
 from .stock import sparsity_disabled, stock_llava
-from .tiny import calibrate_output_text_bias
+
+logger = logging.get_logger(__name__)
 
 PRESETS = {
     # LLaVA-1.5 proportions at a size 2 CPU cores run in minutes: 576 image tokens, 32 layers, sparse_layer 2,
@@ -59,7 +64,10 @@ PROMPT_TEXT_TOKENS = 60
 IMAGE_TOKEN_ID = 32000
 
 
-def preset_model(name: str, dtype=torch.float32, device="cpu", seed: int = 0) -> DynamicLlavaForConditionalGeneration:
+def preset_model(
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> DynamicLlavaForConditionalGeneration:
+    """A random model of preset `name` (`PRESETS`), sdpa attention, in eval mode."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[name]
@@ -77,7 +85,9 @@ def preset_model(name: str, dtype=torch.float32, device="cpu", seed: int = 0) ->
     return model.to(dtype).eval()
 
 
-def bench_inputs(model, batch_size: int, seed: int = 0) -> dict:
+def bench_inputs(
+    model: DynamicLlavaForConditionalGeneration, batch_size: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """`batch_size` rows: BOS, ~35 system tokens, the image, ~25 question tokens (random ids), random images."""
     g = torch.Generator().manual_seed(seed)
     config = model.config
@@ -96,113 +106,10 @@ def bench_inputs(model, batch_size: int, seed: int = 0) -> dict:
     }
 
 
-# ---- accounting ------------------------------------------------------------------------------------------------
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of key/value tensors a cache holds (ours or a stock DynamicCache)."""
-    if hasattr(cache, "stored_bytes"):
-        return cache.stored_bytes()
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
-
-
-@contextlib.contextmanager
-def eager_attention(model):
-    """Attention as plain matmuls while counting: FlopCounterMode does not count CPU sdpa kernels."""
-    configs = [model.config, model.config.text_config, model.config.vision_config]
-    saved = [c._attn_implementation for c in configs]
-    for c in configs:
-        c._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        for c, impl in zip(configs, saved):
-            c._attn_implementation = impl
-
-
-@contextlib.contextmanager
-def per_layer_flops(model):
-    """
-    Count FLOPs of a forward, split per decoder layer / predictor / rest (attention counted as eager matmuls:
-    4 * heads * T * K * head_dim per layer, whatever the mask). Yields a dict filled on exit.
-    """
-    lm = model.model.language_model
-    result = {"layers": [0] * len(lm.layers), "predictors": 0, "total": 0}
-    counter = FlopCounterMode(display=False)
-    marks = {}
-    handles = []
-
-    def pre(key):
-        def hook(module, args, kwargs=None):
-            marks[key] = counter.get_total_flops()
-
-        return hook
-
-    def post(key, slot):
-        def hook(module, args, output):
-            spent = counter.get_total_flops() - marks.pop(key)
-            if slot == "predictors":
-                result["predictors"] += spent
-            else:
-                result["layers"][slot] += spent
-
-        return hook
-
-    for i, layer in enumerate(lm.layers):
-        handles.append(layer.register_forward_pre_hook(pre(("layer", i))))
-        handles.append(layer.register_forward_hook(post(("layer", i), i)))
-    for name in ("image_score_predictor", "output_text_score_predictor"):
-        module = getattr(model, name, None)
-        if module is not None:
-            handles.append(module.register_forward_pre_hook(pre(name)))
-            handles.append(module.register_forward_hook(post(name, "predictors")))
-    try:
-        with counter, eager_attention(model):
-            yield result
-    finally:
-        for handle in handles:
-            handle.remove()
-        result["total"] = counter.get_total_flops()
-        result["llm"] = sum(result["layers"]) + result["predictors"]
-
-
-def layer_flops(stock, tokens: int, keys: Optional[int] = None) -> int:
-    """FLOPs of one stock decoder layer on `tokens` queries attending to `keys` (default: causal over itself)."""
-    lm = stock.model.language_model
-    layer = lm.layers[0]
-    hidden = torch.zeros(1, tokens, stock.config.text_config.hidden_size, dtype=stock.dtype, device=stock.device)
-    keys = tokens if keys is None else keys
-    mask = torch.ones(1, 1, tokens, keys, dtype=torch.bool, device=stock.device)
-    positions = torch.arange(tokens, device=stock.device)[None]
-    rope = lm.rotary_emb(hidden, positions)
-    counter = FlopCounterMode(display=False)
-    mask = torch.zeros(mask.shape, dtype=stock.dtype, device=stock.device)  # eager: an additive float mask
-    with counter, torch.no_grad(), eager_attention(stock):
-        if keys > tokens:  # attention over a past: emulate it with a key/value prefix through a plain cache
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            heads = stock.config.text_config.num_key_value_heads
-            dim = stock.config.text_config.hidden_size // stock.config.text_config.num_attention_heads
-            past = torch.zeros(1, heads, keys - tokens, dim, dtype=stock.dtype, device=stock.device)
-            cache.update(past, past, 0)
-            counter_base = counter.get_total_flops()
-            kw = {CACHE_KEY: cache}
-            layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope, use_cache=True, **kw)
-            return counter.get_total_flops() - counter_base
-        layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
-    return counter.get_total_flops()
-
-
 # ---- timing ---------------------------------------------------------------------------------------------------
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
     """Median wall time of `fn` over `repeats` calls (CUDA work is waited for, so queued kernels are counted)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
@@ -216,6 +123,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux); False where that is not possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -223,7 +131,8 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> Optional[int]:
+def peak_rss_bytes() -> int | None:
+    """The process's peak RSS since the last reset (Linux), or None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -233,7 +142,8 @@ def peak_rss_bytes() -> Optional[int]:
     return None
 
 
-def generate(model, inputs, new_tokens: int, **kwargs):
+def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, **kwargs: Any) -> Any:
+    """Sample exactly `new_tokens` tokens (no EOS stop), returning the generate output with the cache."""
     return model.generate(
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0,
         return_dict_in_generate=True, **kwargs,
@@ -244,19 +154,23 @@ def generate(model, inputs, new_tokens: int, **kwargs):
 
 
 def run_bench(
-    model=None,
+    model: DynamicLlavaForConditionalGeneration | str | os.PathLike | None = None,
     preset: str = "llava15-cpu",
     batch_size: int = 1,
     new_tokens: int = 512,
     dtype: str = "float32",
     device: str = "cpu",
     repeats: int = 3,
-    out: Optional[str] = None,
+    out: str | os.PathLike | None = None,
     throughput_batch: int = 8,
     throughput_tokens: int = 64,
     seed: int = 0,
-    log=print,
-) -> dict:
+) -> dict[str, Any]:
+    """
+    Run the benchmark (module docstring) on `model` (a model, a folder, or None: a random model of `preset`) against
+    the stock LLaVA on the same weights; progress goes to the logger. Returns the results (`format_table` makes the
+    table the command prints); with `out`, also writes `results.json` and the plots there.
+    """
     torch_dtype = parse_dtype(dtype) or torch.float32
     if model is None:
         model = preset_model(preset, torch_dtype, device, seed)
@@ -267,16 +181,18 @@ def run_bench(
     stock = stock_llava(model)
     config = model.config
     text = config.text_config
-    L, l = text.num_hidden_layers, config.sparse_layer
+    num_layers, sparse_layer = text.num_hidden_layers, config.sparse_layer
     inputs = bench_inputs(model, batch_size, seed)
     prompt_len = inputs["input_ids"].shape[1]
-    log(f"[bench] model: {L} layers, hidden {text.hidden_size}, {config.image_seq_length} image tokens, prompt "
-        f"{prompt_len} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on {device}")  # fmt: skip
+    logger.info(
+        f"[bench] model: {num_layers} layers, hidden {text.hidden_size}, {config.image_seq_length} image tokens, "
+        f"prompt {prompt_len} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on {device}"
+    )
     calibrate_output_text_bias(model, bench_inputs(model, 1, seed + 1), max_new_tokens=min(new_tokens, 128),
                                seed=seed, min_new_tokens=min(new_tokens, 128), do_sample=True, top_k=0)  # fmt: skip
     results: dict = {"machine": platform_summary(device), "preset": preset if isinstance(preset, str) else None,
                      "batch_size": batch_size, "new_tokens": new_tokens, "dtype": dtype, "prompt_tokens": prompt_len,
-                     "num_layers": L, "sparse_layer": l}  # fmt: skip
+                     "num_layers": num_layers, "sparse_layer": sparse_layer}  # fmt: skip
 
     # prefill FLOPs
     with torch.no_grad():
@@ -288,7 +204,7 @@ def run_bench(
     vision_kept = sum(int(v.numel()) for v in cache_from_output(ours_out).kept_vision_indices)
     f_full = stock_prefill["layers"][0]
     f_kept = layer_flops(stock, kept_tokens)
-    floor = l * f_full * batch_size + (L - l) * f_kept * batch_size
+    floor = sparse_layer * f_full * batch_size + (num_layers - sparse_layer) * f_kept * batch_size
     results.update(
         prefill_llm_flops_ours=ours_prefill["llm"], prefill_llm_flops_stock=stock_prefill["llm"],
         prefill_llm_flops_ratio=ours_prefill["llm"] / stock_prefill["llm"],
@@ -311,7 +227,7 @@ def run_bench(
         t_off = median_time(lambda: prefill(model), repeats)
     results.update(prefill_time_ours_s=t_ours, prefill_time_stock_s=t_stock, prefill_time_ratio=t_ours / t_stock,
                    overhead_prefill_time_ratio=t_off / t_stock)  # fmt: skip
-    log(f"[bench] prefill: FLOPs ratio {results['prefill_llm_flops_ratio']:.3f} (floor "
+    logger.info(f"[bench] prefill: FLOPs ratio {results['prefill_llm_flops_ratio']:.3f} (floor "
         f"{results['prefill_llm_flops_floor_ratio']:.3f}), time ratio {t_ours / t_stock:.3f}")  # fmt: skip
 
     # decoding with a cache: KV bytes along the way, time per token
@@ -350,7 +266,7 @@ def run_bench(
     results["kv_bytes_ratio"] = results["kv_bytes_ours"] / results["kv_bytes_stock"]
     kept_entries = ours_cache.kept_lengths()
     floor_entries = int(kept_entries.sum())  # each row's kept entries only: no padding to the longest row
-    dense_entries = L * batch_size * (prompt_len + new_tokens - 1)
+    dense_entries = num_layers * batch_size * (prompt_len + new_tokens - 1)
     results["kv_bytes_floor_ratio"] = floor_entries / dense_entries
     g_ours = median_time(lambda: decode_run(model), repeats)
     g_stock = median_time(lambda: decode_run(stock), repeats)
@@ -363,7 +279,7 @@ def run_bench(
         decode_time_per_token_ratio=per_token["ours"] / per_token["stock"],
         overhead_decode_time_ratio=per_token["off"] / per_token["stock"],
     )  # fmt: skip
-    log(f"[bench] decode: KV bytes ratio {results['kv_bytes_ratio']:.3f} (floor {results['kv_bytes_floor_ratio']:.3f})"
+    logger.info(f"[bench] decode: KV bytes ratio {results['kv_bytes_ratio']:.3f} (floor {results['kv_bytes_floor_ratio']:.3f})"
         f", time/token ratio {results['decode_time_per_token_ratio']:.3f}, output-text keep "
         f"{results['output_text_keep_rate']:.2f}")  # fmt: skip
 
@@ -377,7 +293,7 @@ def run_bench(
         with per_layer_flops(stock) as stock_nc:
             stock(input_ids=sequence, pixel_values=px, use_cache=False, logits_to_keep=1)
     sparse_tokens = int((nc.token_indices[0] >= 0).sum()) if nc.token_indices is not None else sequence.shape[1]
-    nc_floor = l * layer_flops(stock, sequence.shape[1]) + (L - l) * layer_flops(stock, sparse_tokens)
+    nc_floor = sparse_layer * layer_flops(stock, sequence.shape[1]) + (num_layers - sparse_layer) * layer_flops(stock, sparse_tokens)
     results.update(
         nocache_decode_flops_ours=ours_nc["llm"], nocache_decode_flops_stock=stock_nc["llm"],
         nocache_decode_flops_ratio=ours_nc["llm"] / stock_nc["llm"],
@@ -403,7 +319,6 @@ def run_bench(
 
     if out:
         write_outputs(results, Path(out))
-    log(format_table(results))
     return results
 
 
@@ -429,7 +344,8 @@ ROWS = [
 ]
 
 
-def format_table(results: dict) -> str:
+def format_table(results: dict[str, Any]) -> str:
+    """The ratios of `results` as a Markdown table (what `dynamic-llava bench` prints)."""
     lines = ["| measure | ours / stock | floor |", "|---|---|---|"]
     for label, key, floor in ROWS:
         if key in results:
@@ -441,16 +357,18 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict, folder: Path) -> None:
+def write_outputs(results: dict[str, Any], folder: str | os.PathLike) -> None:
+    """`results.json` and the two plots (`kv_bytes.png`, `prefill_flops_by_layer.png`, with matplotlib) in `folder`."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[bench] matplotlib is not installed: no plots (pip install matplotlib)")
+        logger.warning("[bench] matplotlib is not installed: no plots (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for which, style in (("stock", "-"), ("ours", "-")):

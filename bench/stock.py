@@ -1,15 +1,18 @@
-"""The stock transformers LLaVA on the same weights as a Dynamic-LLaVA model (tests, benchmark)."""
+"""The stock transformers LLaVA on the same weights as a Dynamic-LLaVA model (bench, evaluation with sparsity off,
+tests)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
-
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 
-def stock_llava(model) -> LlavaForConditionalGeneration:
+
+def stock_llava(model: DynamicLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
     """`LlavaForConditionalGeneration` with `model`'s weights (predictors left out), dtype and attention."""
     config_dict = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map"):
@@ -27,7 +30,9 @@ def stock_llava(model) -> LlavaForConditionalGeneration:
 
 
 @contextlib.contextmanager
-def sparsity_disabled(model):
+def sparsity_disabled(
+    model: DynamicLlavaForConditionalGeneration,
+) -> Iterator[DynamicLlavaForConditionalGeneration]:
     """Both predictors off for the duration (the same weights, stock compute)."""
     saved = model.config.use_vision_predictor, model.config.use_output_text_predictor
     model.config.use_vision_predictor = model.config.use_output_text_predictor = False

@@ -13,26 +13,29 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
+from transformers.utils import logging
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
-from .hub_folder import (
+from ..files import atomic_output_dir
+from .folder import (
     IMAGE_PROCESSOR_AUTO_MAP,
     PROCESSOR_AUTO_MAP,
     ShardWriter,
     add_auto_map,
-    atomic_output_dir,
     hub_key,
     parse_dtype,
     set_dtype_field,
     write_code_files,
     write_model_config,
 )
+from .loading import resolve_model
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["convert_original_checkpoint", "ConversionError", "map_original_key"]
 
@@ -60,33 +63,15 @@ class ConversionError(ValueError):
     """A source checkpoint that cannot be converted as it is; the message names the problem and the fix."""
 
 
-def log(message: str) -> None:
-    print(f"[convert] {message}", file=sys.stderr, flush=True)
-
-
 # ---- locating files -------------------------------------------------------------------------------------------------
 
 
-def resolve_source(src: str, allow_patterns=None) -> Path:
-    """A local folder, or a Hub repository id downloaded with huggingface_hub (its progress bars)."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConversionError(f"{src} is a file; pass the checkpoint folder (with config.json) or a Hub id.")
-        return path
-    if src.startswith((".", "/", "~")) or src.count("/") != 1:
-        raise ConversionError(f"{src} is neither an existing folder nor a Hub repository id (owner/name).")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
+def resolve_source(src: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder, or a Hub repository id downloaded (`hub.loading.resolve_model`); failures as ConversionError."""
     try:
-        return Path(snapshot_download(src, allow_patterns=allow_patterns))
-    except RepositoryNotFoundError as error:
-        raise ConversionError(f"Hub repository {src} was not found (or needs a token: `hf auth login`).") from error
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        raise ConversionError(
-            f"could not download {src} ({type(error).__name__}); check the network or pass a local folder."
-        ) from error
+        return resolve_model(src, allow_patterns=allow_patterns)
+    except OSError as error:
+        raise ConversionError(str(error)) from error
 
 
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
@@ -218,7 +203,7 @@ def sparse_fields(original: dict, path: Path) -> dict:
         raise ConversionError(f"{path}/config.json has no sparse_config dict: not a Dynamic-LLaVA checkpoint.")
     unknown = sorted(set(sparse) - set(SPARSE_CONFIG_FIELDS) - SPARSE_CONFIG_KNOWN)
     if unknown:
-        log(f"sparse_config keys without a meaning here, ignored: {unknown}")
+        logger.warning(f"[convert] sparse_config keys without a meaning here, ignored: {unknown}")
     if sparse.get("use_instruct_predictor"):
         raise ConversionError(
             "sparse_config.use_instruct_predictor is true: instruction-text pruning at prefill is not implemented "
@@ -341,7 +326,7 @@ def convert_original_checkpoint(
     original = read_original_config(source)
     sparse = sparse_fields(original, source)
     tower_dir, tower_config = load_tower(vision_tower or original["mm_vision_tower"], source, allow_pickle)
-    log(f"source {source}; vision tower {tower_dir}")
+    logger.info(f"[convert] source {source}; vision tower {tower_dir}")
 
     tok_dir = Path(tokenizer).expanduser() if tokenizer and Path(tokenizer).expanduser().exists() else None
     if tokenizer and tok_dir is None:
@@ -350,7 +335,7 @@ def convert_original_checkpoint(
         tok_dir = source
     tok = prepare_tokenizer(tok_dir)
     if tok is None:
-        log("no tokenizer files in the source (pass --tokenizer to add one): converting the model only")
+        logger.warning("[convert] no tokenizer files in the source (pass --tokenizer to add one): converting the model only")
 
     old_vocab = int(original["vocab_size"])
     image_token_id = old_vocab if tok is None else tok.convert_tokens_to_ids("<image>")
@@ -422,13 +407,13 @@ def convert_original_checkpoint(
         write_model_card(tmp, config, base_model=src if not Path(src).exists() else None, has_tokenizer=tok is not None)
         if verify:
             verify_folder(tmp)
-    log(f"wrote {out}")
+    logger.info(f"[convert] wrote {out}")
     if push_to_hub:
         from huggingface_hub import HfApi
 
         HfApi().create_repo(push_to_hub, exist_ok=True)
         HfApi().upload_folder(folder_path=str(out), repo_id=push_to_hub)
-        log(f"pushed to https://huggingface.co/{push_to_hub}")
+        logger.info(f"[convert] pushed to https://huggingface.co/{push_to_hub}")
     return Path(out)
 
 
@@ -465,7 +450,7 @@ def _write_processor(tok, tower_dir: Path, tower_config: dict, config, folder: P
         image_processor.save_pretrained(folder)
         add_auto_map(folder / "preprocessor_config.json", {"AutoImageProcessor": IMAGE_PROCESSOR_AUTO_MAP["AutoImageProcessor"]})
         return
-    from .hub_folder import write_processor_files
+    from .folder import write_processor_files
 
     write_processor_files(image_processor, tok, config, folder)
 
@@ -492,7 +477,7 @@ def verify_folder(folder: Path) -> None:
             out = model(input_ids=ids, pixel_values=torch.zeros(1, 3, side, side, dtype=model.dtype))
         if not torch.isfinite(out.logits).all():
             raise ConversionError("verification forward produced non-finite logits")
-        log(f"verified: loaded and ran one forward ({out.logits.shape[1]} of {ids.shape[1]} positions computed)")
+        logger.info(f"[convert] verified: loaded and ran one forward ({out.logits.shape[1]} of {ids.shape[1]} positions computed)")
     finally:
         if offload is not None:
             offload.cleanup()

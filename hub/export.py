@@ -3,74 +3,38 @@
 from __future__ import annotations
 
 import copy
-import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 
-from .hub_folder import (
-    atomic_output_dir,
+from ..files import atomic_output_dir
+from .folder import (
     set_dtype_field,
     write_code_files,
     write_model_config,
     write_processor_files,
     write_state_dict,
 )
+from .loading import load_local
 from .model_card import write_model_card
 
-__all__ = ["export_model", "load_local", "load_processor"]
-
-
-def load_local(model_dir: str, dtype: Optional[torch.dtype] = None):
-    """Model and (if present) processor of a folder, with this package's classes."""
+if TYPE_CHECKING:
     from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from ..processor import DynamicLlavaProcessor
 
-    folder = Path(model_dir)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a folder written by save_pretrained/export.")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type != "dynamic_llava":
-        raise ValueError(
-            f"{model_dir} holds a {model_type!r} model, not dynamic_llava. An original Dynamic-LLaVA checkpoint is "
-            "converted with `dynamic-llava convert`."
-        )
-    model = DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or "auto")
-    return model, load_processor(folder)
-
-
-def load_processor(folder):
-    """The processor of a folder with this package's classes (no remote code runs), or None without a tokenizer."""
-    from transformers import AutoTokenizer
-
-    from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
-
-    folder = Path(folder)
-    if not (folder / "tokenizer_config.json").exists():
-        return None
-    settings = {}
-    if (folder / "processor_config.json").exists():
-        data = json.loads((folder / "processor_config.json").read_text())
-        keys = ("patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")
-        settings = {k: data[k] for k in keys if k in data}
-    template = folder / "chat_template.jinja"
-    if template.exists():
-        settings["chat_template"] = template.read_text()
-    return DynamicLlavaProcessor(
-        image_processor=DynamicLlavaImageProcessor.from_pretrained(str(folder)),
-        tokenizer=AutoTokenizer.from_pretrained(str(folder)),
-        **settings,
-    )
+__all__ = ["export_model"]
 
 
 def export_model(
-    model,
-    out: str,
-    processor=None,
+    model: DynamicLlavaForConditionalGeneration | str | os.PathLike,
+    out: str | os.PathLike,
+    processor: DynamicLlavaProcessor | None = None,
     overwrite: bool = False,
-    max_shard_size="5GB",
-    dtype: Optional[torch.dtype] = None,
-    base_model: Optional[str] = None,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
     repo_id: str = "REPO_ID",
 ) -> Path:
     """

@@ -1,19 +1,18 @@
-"""Writing a Hub-ready model folder: atomic output, sharded safetensors in the layout both transformers majors load,
-the remote-code files, and `auto_map`."""
+"""Writing a Hub-ready model folder: sharded safetensors in the layout both transformers majors load, the remote-code
+files, `auto_map`, the processor files and the dtype fields. The folder itself is written atomically by
+`dynamic_llava.files.atomic_output_dir`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 
+# the package root (the parent of hub/): where the flat remote-code files are
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # remote-code files of a Hub folder (processor/ is flattened: remote code resolves only flat `from .x import`)
 CODE_FILES = {
@@ -34,35 +33,6 @@ IMAGE_PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_dynamic_llava.DynamicLlavaImageProcessor",
     "AutoProcessor": "processing_dynamic_llava.DynamicLlavaProcessor",
 }
-
-
-class OutputExistsError(FileExistsError):
-    pass
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """
-    Yield a fresh temporary folder beside `out`; on success it replaces `out` by rename, on error it is removed
-    and `out` is untouched. A non-empty `out` is refused unless `overwrite`.
-    """
-    out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def parse_size(size) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, ImageDraw
+
+from ..files import atomic_write_bytes
 
 
 def kept_patches_image(image: Image.Image, kept: Iterable[int], grid: int, scale: int = 4) -> Image.Image:
@@ -40,29 +42,9 @@ def kept_patches_image(image: Image.Image, kept: Iterable[int], grid: int, scale
     return out
 
 
-def free_path(path: Path) -> Path:
-    """`path` if nothing is there, else the first free `stem-1.suffix`, `stem-2.suffix`, ... beside it."""
-    path = Path(path)
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
-
-
-def save_png(picture: Image.Image, path) -> Path:
-    """Write a PNG at a free name near `path` (see `free_path`): to a temporary file first, then renamed."""
-    target = free_path(Path(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            picture.save(handle, format="PNG")
-        if target.exists():  # taken meanwhile: never replace it
-            target = free_path(target)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+def save_png(picture: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG at `path`, or at the first free name beside it (`kept_patches-1.png`, ...): never replaces a file.
+    Atomic (`files.atomic_write_bytes`). Returns the path written."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue(), overwrite=False)

@@ -7,28 +7,30 @@ descriptive filler built from a small fixed vocabulary, so that an output-text p
 learn while the first words carry the answer.
 
 The whole task lives in a closed word-level vocabulary (`vocabulary()`), and `build_tokenizer()` makes a matching
-`PreTrainedTokenizerFast` locally (no downloads). `write_llava_json()` writes a LLaVA-style conversation data set.
+`PreTrainedTokenizerFast` locally (no downloads). `sample_conversation()` and `prompt_inputs()` turn samples into
+LLaVA conversation turns and model inputs (`synthetic.train.write_synthetic_dataset` writes a data set).
 
 Everything is deterministic given the `random.Random` passed in.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import random
 import re
-import tempfile
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "cross")
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
-COLOURS: Dict[str, Tuple[int, int, int]] = {
+    from ..processor import DynamicLlavaProcessor
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+
+COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
     "green": (20, 200, 40),
     "blue": (30, 60, 235),
@@ -40,17 +42,17 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 }
 
 # Row-major 3x3 grid: POSITIONS[row * 3 + col].
-POSITIONS: Tuple[str, ...] = (
+POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
     "left", "centre", "right",
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 
-QUESTION_TYPES: Tuple[str, ...] = ("colour", "kind", "position")
+QUESTION_TYPES: tuple[str, ...] = ("colour", "kind", "position")
 
-TEXTURES: Tuple[str, ...] = ("noise", "stripes", "checker")
+TEXTURES: tuple[str, ...] = ("noise", "stripes", "checker")
 
-QUESTIONS: Dict[str, Tuple[str, ...]] = {
+QUESTIONS: dict[str, tuple[str, ...]] = {
     "colour": (
         "What colour is the object?",
         "What is the colour of the shape?",
@@ -75,9 +77,9 @@ VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-CHAT_WORDS: Tuple[str, ...] = ("USER:", "ASSISTANT:")
+CHAT_WORDS: tuple[str, ...] = ("USER:", "ASSISTANT:")
 
-SPECIAL_TOKENS: Tuple[str, ...] = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
@@ -137,7 +139,7 @@ def _background(np_rng: np.random.Generator, size: int, texture: str) -> np.ndar
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
-def _shape_mask(shape: str, size: int, box: Tuple[int, int, int, int]) -> Image.Image:
+def _shape_mask(shape: str, size: int, box: tuple[int, int, int, int]) -> Image.Image:
     """An "L" mask (255 = object) of `shape` filling the inclusive pixel box (x0, y0, x1, y1)."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
@@ -160,7 +162,7 @@ def _shape_mask(shape: str, size: int, box: Tuple[int, int, int, int]) -> Image.
     return mask
 
 
-def _cell_bounds(index: int, size: int) -> Tuple[int, int, int, int]:
+def _cell_bounds(index: int, size: int) -> tuple[int, int, int, int]:
     """Pixel bounds (x0, y0, x1, y1), x1/y1 exclusive, of grid cell `index` (row-major) in a size x size image."""
     row, col = divmod(index, 3)
     edges = [round(size * k / 3) for k in range(4)]
@@ -176,7 +178,7 @@ def position_of(x: float, y: float, image_size: int) -> str:
     raise ValueError(f"({x}, {y}) is outside a {image_size}x{image_size} image")
 
 
-def object_patches(box: Sequence[int], image_size: int, patch_size: int) -> List[int]:
+def object_patches(box: Sequence[int], image_size: int, patch_size: int) -> list[int]:
     """Row-major indices of the `patch_size` vision patches that the pixel box (x0, y0, x1, y1) covers.
 
     The box is a PIL-style box: x1 and y1 are exclusive (as in `sample["object_box"]`). The image is
@@ -262,18 +264,18 @@ def make_sample(rng: random.Random, image_size: int = 64, with_background: bool 
     return sample
 
 
-def tokenize_words(text: str) -> List[str]:
+def tokenize_words(text: str) -> list[str]:
     """Split on whitespace and make each of `.,?:'` its own token ("user's questions." -> user ' s questions .)."""
     return _TOKEN_RE.findall(text)
 
 
-def vicuna_prompt(question: str, answer_text: Optional[str] = None) -> str:
+def vicuna_prompt(question: str, answer_text: str | None = None) -> str:
     """The vicuna_v1 prompt for one image turn (as the package's processor renders it), optionally answered."""
     prompt = f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
     return prompt if answer_text is None else f"{prompt} {answer_text}</s>"
 
 
-def vocabulary() -> List[str]:
+def vocabulary() -> list[str]:
     """Every word token (per `tokenize_words`) that questions, answer texts and the vicuna_v1 template can hold.
 
     Sorted; special tokens (`<unk>`, `<s>`, `</s>`, `<image>`, `<pad>`) are not included.
@@ -288,7 +290,7 @@ def vocabulary() -> List[str]:
     return sorted(words)
 
 
-def build_tokenizer():
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level `PreTrainedTokenizerFast` over `vocabulary()`, built locally.
 
     Ids: `<unk>` = 0, `<s>` = 1, `</s>` = 2, the words, then `<image>` and `<pad>`. Encoding adds `<s>` in front;
@@ -325,53 +327,31 @@ def build_tokenizer():
     return tokenizer
 
 
-# ----------------------------------------------------------------------------------------------- data set
+# ------------------------------------------------------------------------------------------- conversations
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def sample_rng(seed: int, index: int) -> random.Random:
+    """The generator of sample `index` of the stream `seed` (training, evaluation and data sets draw from these)."""
+    return random.Random(seed * 1_000_003 + index)
 
 
-def write_llava_json(folder, n: int, seed: int, image_size: int = 64) -> Path:
-    """Write `n` samples (seeded by `seed`) as `folder/images/*.png` and a LLaVA conversation list `folder/data.json`.
+def sample_conversation(sample: dict[str, Any]) -> list[dict[str, str]]:
+    """A synthetic sample as LLaVA conversation turns: the image and question, then the long answer."""
+    return [
+        {"from": "human", "value": IMAGE_TOKEN + "\n" + sample["question"]},
+        {"from": "gpt", "value": sample["answer_text"]},
+    ]
 
-    Each entry: {"id", "image" (file name under images/), "conversations": [{"from": "human", "value":
-    "<image>\\n" + question}, {"from": "gpt", "value": answer_text}]}, plus "answer" and "question_type" for
-    evaluation. Every file is written to a temporary name first and renamed. Returns the JSON path.
-    """
-    folder = Path(folder)
-    images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    records = []
-    width = max(5, len(str(max(n - 1, 0))))
-    for i in range(n):
-        sample = make_sample(rng, image_size)
-        name = f"{seed}_{i:0{width}d}.png"
-        buffer = io.BytesIO()
-        sample["image"].save(buffer, format="PNG")
-        _write_atomic(images / name, buffer.getvalue())
-        records.append({
-            "id": f"{seed}_{i:0{width}d}",
-            "image": name,
-            "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{sample['question']}"},
-                {"from": "gpt", "value": sample["answer_text"]},
-            ],
-            "answer": sample["answer"],
-            "question_type": sample["question_type"],
-        })  # fmt: skip
-    path = folder / "data.json"
-    _write_atomic(path, json.dumps(records, indent=1).encode("utf-8"))
-    return path
+
+def prompt_inputs(processor: DynamicLlavaProcessor, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Left-padded model inputs asking each sample's question about its image (for generate)."""
+    processor.tokenizer.padding_side = "left"
+    return processor(
+        images=[s["image"] for s in samples],
+        text=[vicuna_prompt(s["question"]) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -379,11 +359,11 @@ def write_llava_json(folder, n: int, seed: int, image_size: int = 64) -> Path:
 _ALL_ANSWERS = sorted({*SHAPES, *COLOURS, *POSITIONS}, key=lambda a: -len(a.split()))
 
 
-def _words(text: str) -> List[str]:
+def _words(text: str) -> list[str]:
     return [w for w in re.split(r"[\s.,?:'!;\"]+", text.lower()) if w]
 
 
-def first_answer(generated_text: str) -> Optional[str]:
+def first_answer(generated_text: str) -> str | None:
     """The longest known answer (colour, shape or position) that the text starts with, or None."""
     words = _words(generated_text)
     for answer in _ALL_ANSWERS:  # longest first: "top left" wins over "top"

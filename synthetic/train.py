@@ -1,5 +1,4 @@
-"""Train a small Dynamic-LLaVA from scratch on the synthetic visual task (tools/synthetic_task.py), on CPU, and
-evaluate it: accuracy, keep rates, and whether the kept vision tokens cover the object.
+"""Train a small Dynamic-LLaVA from scratch on the synthetic shapes task (`synthetic/task.py`), on CPU.
 
 Four phases, seeded:
 0. vision: the CLIP tower alone learns the image attributes (kind, colour, position) from every patch that covers the
@@ -8,43 +7,56 @@ Four phases, seeded:
 1. dense: the language model and projector learn the task with sparsification off (the tower frozen from here on);
 2. sparse: the predictors learn (Gumbel straight-through masks, budget loss) while the rest adapts at a low rate;
 3. calibrate: the output-text predictor's bias is shifted so the inference threshold meets the keep-rate target.
+
+Progress goes to the `dynamic_llava` logger (INFO); `synthetic/evaluate.py` measures the result.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
-import random
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
+from ..files import atomic_output_dir
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
-from ..sparse_cache import cache_from_output
 from ..sparse_training import predictor_parameter_groups, temperature
-from .data import collate, encode_conversation
-from .stock import sparsity_disabled
-from .tiny import calibrate_output_text_bias
-from .synthetic_task import COLOURS, POSITIONS, SHAPES, build_tokenizer, is_correct, make_sample, object_patches
-from .synthetic_task import vicuna_prompt
+from ..training.calibration import calibrate_output_text_bias
+from ..training.data import collate, encode_conversation
+from . import IMAGE_SIZE, PATCH
+from .task import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    build_tokenizer,
+    make_sample,
+    object_patches,
+    prompt_inputs,
+    sample_conversation,
+    sample_rng,
+)
 
-IMAGE_SIZE, PATCH = 64, 8
-# The model `dynamic-llava train-synthetic` trained, shipped inside the package (weights, config, processor files).
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+logger = logging.get_logger(__name__)
 
 
 def synthetic_processor() -> DynamicLlavaProcessor:
+    """The processor of the synthetic task: its word-level tokenizer, 64 x 64 images, 8 x 8 patches."""
     tokenizer = build_tokenizer()
     image_processor = DynamicLlavaImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})  # fmt: skip
     return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH)
 
 
-def synthetic_config(tokenizer, vision_hidden: int = 128, vision_layers: int = 4) -> DynamicLlavaConfig:
+def synthetic_config(tokenizer: Any, vision_hidden: int = 128, vision_layers: int = 4) -> DynamicLlavaConfig:
+    """The demo model's config: a 4-layer, hidden-128 Llama and a 4-layer CLIP tower on 64 x 64 images."""
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     return DynamicLlavaConfig(
         text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -60,51 +72,28 @@ def synthetic_config(tokenizer, vision_hidden: int = 128, vision_layers: int = 4
     )  # fmt: skip
 
 
-def _rng(seed: int, index: int) -> random.Random:
-    return random.Random(seed * 1_000_003 + index)
-
-
-def sample_conversation(sample: dict) -> list:
-    """A synthetic sample as LLaVA conversation turns: the image and question, then the long answer."""
-    return [{"from": "human", "value": "<image>\n" + sample["question"]}, {"from": "gpt", "value": sample["answer_text"]}]
-
-
-def prompt_inputs(processor, samples: list) -> dict:
-    """Left-padded model inputs asking each sample's question about its image (for generate)."""
-    processor.tokenizer.padding_side = "left"
-    return processor(images=[s["image"] for s in samples], text=[vicuna_prompt(s["question"]) for s in samples],
-                     return_tensors="pt", padding=True)  # fmt: skip
-
-
-def first_image_kept(cache, row: int) -> list:
-    """The kept patch indices of row `row`'s first image."""
-    kept = cache.kept_vision_indices[row]
-    return (kept if isinstance(kept, torch.Tensor) else kept[0]).tolist()
-
-
-def encode_sample(sample: dict, processor, image_seq_length: int) -> dict:
+def encode_sample(
+    sample: dict[str, Any], processor: DynamicLlavaProcessor, image_seq_length: int
+) -> dict[str, torch.Tensor]:
+    """A training item: vicuna_v1 ids with labels on the answer, and the image's pixel values."""
     ids, labels = encode_conversation(processor.tokenizer, sample_conversation(sample), image_seq_length)
     pixels = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
 
 
-def write_synthetic_dataset(out: str, n: int, seed: int = 0, overwrite: bool = False) -> Path:
+def write_synthetic_dataset(out: str | os.PathLike, n: int, seed: int = 0, overwrite: bool = False) -> Path:
     """
     Write `n` synthetic samples as LLaVA conversation data: `out/data.json` (the format `dynamic-llava train` reads)
     and `out/images/{i}.png` (64 x 64). Sample i is the same as sample i of the train-synthetic stream of `seed`.
     Atomic; a non-empty `out` is refused unless `overwrite`.
     """
-    import json
-
-    from .hub_folder import atomic_output_dir
-
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         records = []
         for index in range(n):
-            sample = make_sample(_rng(seed, index), IMAGE_SIZE)
+            sample = make_sample(sample_rng(seed, index), IMAGE_SIZE)
             sample["image"].save(tmp / "images" / f"{index}.png")
             records.append({"id": f"synthetic-{seed}-{index}", "image": f"{index}.png",
                             "conversations": sample_conversation(sample)})  # fmt: skip
@@ -112,16 +101,18 @@ def write_synthetic_dataset(out: str, n: int, seed: int = 0, overwrite: bool = F
     return Path(out)
 
 
-def _batches(processor, config, seed: int, batch_size: int):
+def _batches(
+    processor: DynamicLlavaProcessor, config: DynamicLlavaConfig, seed: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     index = 0
     while True:
-        items = [encode_sample(make_sample(_rng(seed, index + i), IMAGE_SIZE), processor, config.image_seq_length)
+        items = [encode_sample(make_sample(sample_rng(seed, index + i), IMAGE_SIZE), processor, config.image_seq_length)
                  for i in range(batch_size)]  # fmt: skip
         index += batch_size
         yield collate(items, pad_token_id=processor.tokenizer.pad_token_id)
 
 
-def _cosine(optimizer, steps: int, warmup: float):
+def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup` of the steps, then cosine to 0."""
     warm = max(1, int(steps * warmup))
 
@@ -133,8 +124,14 @@ def _cosine(optimizer, steps: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pretrain_vision_tower(model, processor, steps: int, batch_size: int = 32, seed: int = 0, lr: float = 2e-3,
-                          log=print) -> None:  # fmt: skip
+def pretrain_vision_tower(
+    model: DynamicLlavaForConditionalGeneration,
+    processor: DynamicLlavaProcessor,
+    steps: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    lr: float = 2e-3,
+) -> None:
     """Phase 0: train `model`'s vision tower to tell kind, colour and position from each patch covering the object,
     and to keep every other patch blind to the object.
 
@@ -155,7 +152,7 @@ def pretrain_vision_tower(model, processor, steps: int, batch_size: int = 32, se
     tower.train()
     start = time.time()
     for step in range(steps):
-        samples = [make_sample(_rng(seed + 99991, step * batch_size + i), IMAGE_SIZE, with_background=True)
+        samples = [make_sample(sample_rng(seed + 99991, step * batch_size + i), IMAGE_SIZE, with_background=True)
                    for i in range(batch_size)]  # fmt: skip
         pixels = processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
         features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # no class token
@@ -180,14 +177,23 @@ def pretrain_vision_tower(model, processor, steps: int, batch_size: int = 32, se
         optimizer.step()
         schedule.step()
         if step % 250 == 0 or step == steps - 1:
-            log(f"[vision {step}/{steps}] loss kind {losses[0].item():.3f} colour {losses[1].item():.3f} position "
-                f"{losses[2].item():.3f} locality {locality.item():.4f} ({time.time() - start:.0f}s)")  # fmt: skip
+            logger.info(
+                f"[vision {step}/{steps}] loss kind {losses[0].item():.3f} colour {losses[1].item():.3f} position "
+                f"{losses[2].item():.3f} locality {locality.item():.4f} ({time.time() - start:.0f}s)"
+            )
 
 
-def train_synthetic(out: str, vision_steps: int = 4000, dense_steps: int = 3000, sparse_steps: int = 2000,
-                    batch_size: int = 16, seed: int = 0, calibration_samples: int = 100, log=print) -> Path:  # fmt: skip
+def train_synthetic(
+    out: str | os.PathLike,
+    vision_steps: int = 4000,
+    dense_steps: int = 3000,
+    sparse_steps: int = 2000,
+    batch_size: int = 16,
+    seed: int = 0,
+    calibration_samples: int = 100,
+) -> Path:
     """Train from scratch (seeded, reproducible on one machine) and export a Hub-ready folder to `out`."""
-    from .export import export_model
+    from ..hub.export import export_model
 
     torch.manual_seed(seed)
     processor = synthetic_processor()
@@ -199,7 +205,7 @@ def train_synthetic(out: str, vision_steps: int = 4000, dense_steps: int = 3000,
     start = time.time()
 
     # phase 0: the vision tower alone
-    pretrain_vision_tower(model, processor, vision_steps, seed=seed, log=log)
+    pretrain_vision_tower(model, processor, vision_steps, seed=seed)
 
     # phase 1: dense, the language model and projector learn the task; the pretrained tower stays frozen from here on
     config.use_vision_predictor = config.use_output_text_predictor = False
@@ -215,7 +221,7 @@ def train_synthetic(out: str, vision_steps: int = 4000, dense_steps: int = 3000,
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == dense_steps - 1:
-            log(f"[dense {step}/{dense_steps}] loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+            logger.info(f"[dense {step}/{dense_steps}] loss {loss.item():.3f} ({time.time() - start:.0f}s)")
 
     # phase 2: sparse, predictors at a high rate, the rest slowly (vision tower frozen as in the paper)
     config.use_vision_predictor = config.use_output_text_predictor = True
@@ -234,21 +240,31 @@ def train_synthetic(out: str, vision_steps: int = 4000, dense_steps: int = 3000,
         if step % 50 == 0 or step == sparse_steps - 1:
             text_keep = out_.output_text_keep_ratio  # None when no row had a long enough answer
             text_keep = float(text_keep.detach()) if text_keep is not None else float("nan")
-            log(f"[sparse {step}/{sparse_steps}] loss {out_.loss.item():.3f} ce {out_.ce_loss.item():.3f} vision keep "
-                f"{float(out_.vision_keep_ratio.detach()):.2f} text keep {text_keep:.2f} ({time.time() - start:.0f}s)")  # fmt: skip
+            logger.info(
+                f"[sparse {step}/{sparse_steps}] loss {out_.loss.item():.3f} ce {out_.ce_loss.item():.3f} vision "
+                f"keep {float(out_.vision_keep_ratio.detach()):.2f} text keep {text_keep:.2f} "
+                f"({time.time() - start:.0f}s)"
+            )
     model.eval()
     model.requires_grad_(True)
 
     # phase 3: calibrate the output-text threshold on fresh prompts of the training stream
     first = (dense_steps + sparse_steps) * batch_size
-    keep = calibrate_output_text_threshold(model, processor, [make_sample(_rng(seed, first + i), IMAGE_SIZE)
+    keep = calibrate_output_text_threshold(model, processor, [make_sample(sample_rng(seed, first + i), IMAGE_SIZE)
                                                               for i in range(calibration_samples)])  # fmt: skip
-    log(f"[calibrate] output-text keep rate {keep:.3f} on {calibration_samples} training-stream prompts "
-        f"(target {config.output_text_keep_rate}) ({time.time() - start:.0f}s)")
+    logger.info(
+        f"[calibrate] output-text keep rate {keep:.3f} on {calibration_samples} training-stream prompts "
+        f"(target {config.output_text_keep_rate}) ({time.time() - start:.0f}s)"
+    )
     return export_model(model, out, processor=processor, overwrite=True)
 
 
-def calibrate_output_text_threshold(model, processor, samples: list, max_new_tokens: int = 64) -> float:
+def calibrate_output_text_threshold(
+    model: DynamicLlavaForConditionalGeneration,
+    processor: DynamicLlavaProcessor,
+    samples: list[dict[str, Any]],
+    max_new_tokens: int = 64,
+) -> float:
     """
     Shift the output-text predictor's keep/drop bias so that greedy answers to `samples` keep
     `config.output_text_keep_rate` of their generated tokens. Training meets the rate in expectation over Gumbel
@@ -258,53 +274,3 @@ def calibrate_output_text_threshold(model, processor, samples: list, max_new_tok
     with torch.no_grad():
         return calibrate_output_text_bias(model, prompt_inputs(processor, samples), max_new_tokens=max_new_tokens,
                                           keep_rate=model.config.output_text_keep_rate)  # fmt: skip
-
-
-def evaluate_synthetic(model, processor, n: int = 500, seed: int = 12345, no_sparsity: bool = False,
-                       max_new_tokens: int = 64, batch_size: int = 25) -> dict:  # fmt: skip
-    """Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall."""
-    config = model.config
-    tokenizer = processor.tokenizer
-    correct = kept_text = scored_text = covered = object_total = kept_vision = vision_total = 0
-    with sparsity_disabled(model) if no_sparsity else contextlib.nullcontext():
-        for first in range(0, n, batch_size):
-            samples = [make_sample(_rng(seed, i), IMAGE_SIZE) for i in range(first, min(n, first + batch_size))]
-            inputs = prompt_inputs(processor, samples)
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     return_dict_in_generate=True)  # fmt: skip
-            cache = cache_from_output(out)
-            texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for row, (sample, text) in enumerate(zip(samples, texts)):
-                correct += is_correct(text, sample)
-                kept = set(first_image_kept(cache, row))
-                patches = object_patches(sample["object_box"], IMAGE_SIZE, PATCH)
-                covered += len(kept & set(patches))
-                object_total += len(patches)
-                kept_vision += len(kept)
-                vision_total += config.image_seq_length
-                decisions = cache.output_text_keep[row]
-                kept_text += int(decisions.sum())
-                scored_text += decisions.numel()
-    return {
-        "task": "synthetic", "n": n, "seed": seed, "sparsity": not no_sparsity, "accuracy": correct / n,
-        "correct": correct, "vision_keep_rate": kept_vision / vision_total,
-        "output_text_keep_rate": (kept_text / scored_text) if scored_text else None,
-        "output_text_scored": scored_text, "object_patch_recall": covered / object_total,
-        "object_patches": object_total,
-    }  # fmt: skip
-
-
-def load_for_eval(model_dir: Optional[str]):
-    """(model, processor) of `model_dir`, or of the embedded demo model when it is None."""
-    from .export import load_local
-
-    if model_dir is None:
-        if not (DEMO_MODEL / "model.safetensors").is_file():
-            raise FileNotFoundError(f"the embedded demo model is missing from {DEMO_MODEL}; reinstall the package "
-                                    "or pass --model DIR")  # fmt: skip
-        model_dir = str(DEMO_MODEL)
-    model, processor = load_local(model_dir, dtype=torch.float32)
-    if processor is None:
-        raise ValueError(f"{model_dir} has no tokenizer/processor files; pass a folder written by train-synthetic")
-    return model.eval(), processor

@@ -6,9 +6,10 @@ import torch
 from transformers import DynamicCache
 
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
-from dynamic_llava.tools.bench import cache_bytes, layer_flops, per_layer_flops, run_bench
-from dynamic_llava.tools.stock import stock_llava
-from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
+from dynamic_llava.bench.accounting import cache_bytes, layer_flops, per_layer_flops
+from dynamic_llava.bench.run import format_table, run_bench
+from dynamic_llava.bench.stock import stock_llava
+from fixtures.tiny import tiny_inputs, tiny_model
 
 H, HEADS, KV, D, I = 32, 4, 2, 8, 64  # the tiny model's text shapes
 
@@ -73,7 +74,7 @@ def test_cache_bytes_equal_hand_counts():
 def test_bench_command_writes_results_and_plots(tmp_path):
     model = tiny_model(0)
     results = run_bench(model=model, new_tokens=6, repeats=1, out=str(tmp_path), throughput_batch=2,
-                        throughput_tokens=3, log=lambda *a: None)  # fmt: skip
+                        throughput_tokens=3)  # fmt: skip
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("prefill_llm_flops_ratio", "prefill_llm_flops_floor_ratio", "kv_bytes_ratio", "kv_bytes_floor_ratio",
                 "nocache_decode_flops_ratio", "overhead_prefill_time_ratio", "overhead_decode_time_ratio",

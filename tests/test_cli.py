@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from dynamic_llava.tools.cli import main
+from dynamic_llava.cli import main
 
 
 def test_demo_answers_with_the_embedded_model_and_never_overwrites_the_png(tmp_path, capsys, monkeypatch):
@@ -26,7 +26,7 @@ def test_demo_answers_with_the_embedded_model_and_never_overwrites_the_png(tmp_p
 def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
     import random
 
-    from dynamic_llava.tools.synthetic_task import is_correct, make_sample
+    from dynamic_llava.synthetic.task import is_correct, make_sample
 
     sample = make_sample(random.Random(11), 64)
     path = tmp_path / "shape.png"
@@ -45,19 +45,18 @@ def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
 
 def test_console_script_is_installed():
     result = subprocess.run(
-        [sys.executable, "-m", "dynamic_llava.tools.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "dynamic_llava.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in result.stdout
 
 
-def test_generate_command_prints_answer_and_summary(tmp_path, capsys, monkeypatch):
+def test_generate_command_prints_answer_and_summary(tmp_path, capsys, monkeypatch, tiny_processor):
+    from fixtures.tiny import tiny_model
     from PIL import Image
-    from test_hub import tiny_processor
 
-    from dynamic_llava.tools.export import export_model
-    from dynamic_llava.tools.tiny import tiny_model
+    from dynamic_llava.hub.export import export_model
 
-    folder = export_model(tiny_model(6), tmp_path / "repo", processor=tiny_processor())
+    folder = export_model(tiny_model(6), tmp_path / "repo", processor=tiny_processor)
     image = tmp_path / "in.png"
     Image.effect_noise((30, 50), 40).convert("RGB").save(image)
     args = ["generate", "--model", str(folder), "--image", str(image), "--prompt", "w5 w6", "--max-new-tokens", "5"]

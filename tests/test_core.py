@@ -4,12 +4,14 @@ import copy
 
 import pytest
 import torch
-from helpers import cache_of, stock_llava
+from fixtures.tiny import IMAGE_TOKEN_ID, tiny_config, tiny_inputs, tiny_model
 from transformers import DynamicCache
 
 from dynamic_llava import DynamicLlavaCache, DynamicLlavaConfig
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
-from dynamic_llava.tools.tiny import IMAGE_TOKEN_ID, calibrate_output_text_bias, tiny_config, tiny_inputs, tiny_model
+from dynamic_llava.bench.stock import stock_llava
+from dynamic_llava.sparse_cache import cache_from_output as cache_of
+from dynamic_llava.training.calibration import calibrate_output_text_bias
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 

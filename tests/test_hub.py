@@ -11,25 +11,15 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from dynamic_llava.processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
-from dynamic_llava.tools.export import export_model
-from dynamic_llava.tools.hub_folder import OutputExistsError
-from dynamic_llava.tools.tiny import tiny_model, tiny_tokenizer
-
-SCRIPT = Path(__file__).with_name("hub_load_script.py")
-
-
-def tiny_processor():
-    tokenizer = tiny_tokenizer(127)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)  # id 127 = the tiny model's image token
-    tokenizer.pad_token = "<unk>"
-    tokenizer.padding_side = "left"
-    image_processor = DynamicLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8)
+from dynamic_llava.files import OutputExistsError
+from dynamic_llava.hub.export import export_model
+from fixtures.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    from fixtures.tiny import tiny_processor
+
     work = tmp_path_factory.mktemp("hub")
     model, processor = tiny_model(4), tiny_processor()
     folder = export_model(model, work / "repo", processor=processor)
@@ -56,13 +46,13 @@ def test_exported_folder_is_what_a_hub_repo_holds(exported):
     assert "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card
 
 
-def test_fresh_process_without_the_project_matches_in_process(exported):
+def test_fresh_process_without_the_project_matches_in_process(exported, hub_load_script):
     model, processor, folder, images = exported
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(folder.parent / "modules"))
     repo_root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(folder), ",".join(images), repo_root.name],
+        [sys.executable, str(hub_load_script), str(folder), ",".join(images), repo_root.name],
         capture_output=True, text=True, env=env, cwd=str(folder.parent), timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -105,7 +95,7 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_behind(exported, t
 
 def test_export_failure_leaves_no_partial_folder(exported, tmp_path, monkeypatch):
     model, processor, _, _ = exported
-    import dynamic_llava.tools.export as export_module
+    import dynamic_llava.hub.export as export_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -5,8 +5,9 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-from dynamic_llava.tools.convert import convert_original_checkpoint
-from dynamic_llava.tools.synthetic import write_original_checkpoint
+from fixtures.original_checkpoints import write_original_checkpoint
+
+from dynamic_llava.hub.convert import convert_original_checkpoint
 
 
 def test_generated_notebook_executes_and_plots(tmp_path, monkeypatch):

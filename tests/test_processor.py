@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from fixtures.processor_inputs import IMAGE_TOKEN_ID, ONE_TURN, TWO_TURNS, make_tokenizer, noise_image
+
 from dynamic_llava.processor.image_processing_dynamic_llava import DynamicLlavaImageProcessor
 from dynamic_llava.processor.processing_dynamic_llava import DEFAULT_CHAT_TEMPLATE, DynamicLlavaProcessor
 
-REFERENCE = Path("/work/shared/reference")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +28,6 @@ SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-IMAGE_TOKEN_ID = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,30 +98,6 @@ def chat_messages(turns, shape="image"):
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------------
 
-WORDS = "What is this? A cat. And its colour? Describe it . USER: ASSISTANT: hello".split()
-
-
-def make_tokenizer(model_input_names=None):
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": IMAGE_TOKEN_ID}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    kwargs = {} if model_input_names is None else {"model_input_names": model_input_names}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     # token_type_ids listed on purpose: the processor must drop it
@@ -139,18 +115,6 @@ def default_image_processor():
     return DynamicLlavaImageProcessor()
 
 
-def noise_image(width, height, mode="RGB", seed=0):
-    rng = np.random.default_rng(seed + 7 * width + 13 * height)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode if mode != "P" else "RGB"]
-    array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    if channels == 1:
-        return Image.fromarray(array[:, :, 0], mode="L")
-    image = Image.fromarray(array, mode="RGBA" if channels == 4 else "RGB")
-    if mode == "P":
-        image = image.quantize(colors=64)
-    return image
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Image processor
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,11 +122,11 @@ def noise_image(width, height, mode="RGB", seed=0):
 
 @pytest.mark.parametrize("sample,filename", [(0, "shapes_500x300_rgb.png"), (1, "grey_96x160_l.png")])
 @pytest.mark.parametrize("source", ["reference_config", "defaults", "path"])
-def test_reference_pixel_parity(sample, filename, source):
-    expected = load_file(str(REFERENCE / "inputs.safetensors"))[f"s{sample}.pixel_values"]
-    image_path = REFERENCE / "images" / filename
+def test_reference_pixel_parity(sample, filename, source, original_reference):
+    expected = load_file(str(original_reference / "inputs.safetensors"))[f"s{sample}.pixel_values"]
+    image_path = original_reference / "images" / filename
     if source == "reference_config":
-        processor = DynamicLlavaImageProcessor.from_pretrained(str(REFERENCE / "vision_tower"))
+        processor = DynamicLlavaImageProcessor.from_pretrained(str(original_reference / "vision_tower"))
         out = processor(Image.open(image_path), return_tensors="pt")["pixel_values"]
     elif source == "defaults":
         out = DynamicLlavaImageProcessor()(Image.open(image_path), return_tensors="pt")["pixel_values"]
@@ -279,8 +243,6 @@ def test_image_processor_save_load_round_trip(tmp_path):
 # Chat template
 # ----------------------------------------------------------------------------------------------------------------
 
-ONE_TURN = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is this? ASSISTANT:"
-TWO_TURNS = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: And its colour? ASSISTANT:"
 
 
 @pytest.mark.parametrize("shape", ["image", "url"])
@@ -300,8 +262,8 @@ def test_chat_template_is_vicuna_v1(tiny_processor, turns, expected, shape):
         assert prompt == expected
 
 
-def test_chat_template_matches_reference_manifest(tiny_processor):
-    manifest = json.loads((REFERENCE / "manifest.json").read_text())
+def test_chat_template_matches_reference_manifest(tiny_processor, original_reference):
+    manifest = json.loads((original_reference / "manifest.json").read_text())
     for sample in manifest["samples"]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}]
         assert tiny_processor.apply_chat_template(messages, add_generation_prompt=True) == sample["prompt"]
@@ -440,7 +402,7 @@ def test_remote_code_export_round_trip(tmp_path):
         f"""
         import sys, json
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_processor import make_tokenizer, noise_image, TWO_TURNS
+        from fixtures.processor_inputs import make_tokenizer, noise_image, TWO_TURNS
         from dynamic_llava.processor.image_processing_dynamic_llava import DynamicLlavaImageProcessor
         from dynamic_llava.processor.processing_dynamic_llava import DynamicLlavaProcessor
         from transformers import AutoProcessor

@@ -5,10 +5,10 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import cache_of
+from fixtures.tiny import tiny_inputs, tiny_model
 from dynamic_llava import DynamicLlavaForConditionalGeneration
-from dynamic_llava.tools.stock import stock_llava
-from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
+from dynamic_llava.bench.stock import stock_llava
+from dynamic_llava.sparse_cache import cache_from_output as cache_of
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True)
 
@@ -16,7 +16,7 @@ GREEDY = dict(do_sample=False, return_dict_in_generate=True)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny model and the stock LLaVA with the same weights, saved; with a calibrated output-text predictor."""
-    from dynamic_llava.tools.tiny import calibrate_output_text_bias
+    from dynamic_llava.training.calibration import calibrate_output_text_bias
 
     folder = tmp_path_factory.mktemp("quant")
     # dimensions that bitsandbytes' 4-bit CPU kernels accept (multiples of 64)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dynamic_llava.tools.export import export_model
-from dynamic_llava.tools.tiny import tiny_model
+from fixtures.tiny import tiny_model
 
-from test_hub import tiny_processor
+from dynamic_llava.hub.export import export_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,8 +22,8 @@ def quickstart_code() -> str:
     return block.group(1)
 
 
-def test_readme_quickstart_runs_as_written(tmp_path):
-    folder = export_model(tiny_model(5), tmp_path / "repo", processor=tiny_processor())
+def test_readme_quickstart_runs_as_written(tmp_path, tiny_processor):
+    folder = export_model(tiny_model(5), tmp_path / "repo", processor=tiny_processor)
     image = tmp_path / "photo.png"
     Image.effect_noise((48, 30), 50).convert("RGB").save(image)
     code = quickstart_code()

@@ -1,4 +1,4 @@
-"""The synthetic VQA task of `dynamic_llava.tools.synthetic_task` (fast, CPU only, no downloads)."""
+"""The synthetic VQA task of `dynamic_llava.synthetic.task` (fast, CPU only, no downloads)."""
 
 import json
 import random
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynamic_llava.tools.synthetic_task import (
+from dynamic_llava.synthetic.task import (
     COLOURS,
     MIN_ANSWER_WORDS,
     POSITIONS,
@@ -24,7 +24,6 @@ from dynamic_llava.tools.synthetic_task import (
     tokenize_words,
     vicuna_prompt,
     vocabulary,
-    write_llava_json,
 )
 
 SEEDS = list(range(40))
@@ -226,27 +225,6 @@ def test_tokenizer_round_trip(tokenizer, samples, tmp_path):
         batch = loaded(texts[:3], padding=True)
         assert batch["input_ids"][0][0] in (1, tokenizer.pad_token_id)
         assert loaded.decode(loaded(texts[0])["input_ids"]) == tokenizer.decode(tokenizer(texts[0])["input_ids"])
-
-
-def test_write_llava_json(tmp_path):
-    path = write_llava_json(tmp_path / "data", n=12, seed=5)
-    assert path == tmp_path / "data" / "data.json"
-    records = json.loads(path.read_text())
-    assert len(records) == 12 and len({r["id"] for r in records}) == 12
-    rng = random.Random(5)
-    for record in records:
-        sample = make_sample(rng)
-        human, gpt = record["conversations"]
-        assert human == {"from": "human", "value": "<image>\n" + sample["question"]}
-        assert gpt == {"from": "gpt", "value": sample["answer_text"]}
-        image_path = tmp_path / "data" / "images" / record["image"]
-        assert image_path.is_file()
-        with Image.open(image_path) as image:
-            assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(sample["image"]))
-    leftovers = [p for p in (tmp_path / "data").rglob("*") if p.name.endswith(".tmp")]
-    assert not leftovers
-    # rewriting is deterministic and replaces the file
-    assert write_llava_json(tmp_path / "data", n=12, seed=5).read_text() == path.read_text()
 
 
 @pytest.mark.parametrize(

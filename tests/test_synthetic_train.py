@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from dynamic_llava.tools.cli import main
-from dynamic_llava.tools.tiny import calibrate_output_text_bias, tiny_inputs, tiny_model
+from fixtures.tiny import tiny_inputs, tiny_model
+
+from dynamic_llava.cli import main
+from dynamic_llava.training.calibration import calibrate_output_text_bias
 
 
 def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
@@ -17,7 +19,7 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
         assert main(["train-synthetic", "--out", str(folder), "--vision-steps", "2", "--dense-steps", "3",
                      "--sparse-steps", "2", "--batch-size", "4", "--calibration-samples", "4"]) == 0  # fmt: skip
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err  # progress: the library's logger, to stderr under the command
     for phase in ("[vision ", "[dense ", "[sparse ", "[calibrate] output-text keep rate"):
         assert phase in log
     first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
@@ -60,8 +62,8 @@ def test_output_text_calibration_meets_the_rate(keep_rate):
 def test_synthetic_data_writes_llava_conversations_that_train_reads(tmp_path, capsys):
     from PIL import Image
 
-    from dynamic_llava.tools.data import LlavaConversationDataset
-    from dynamic_llava.tools.synthetic_train import synthetic_processor
+    from dynamic_llava.synthetic.train import synthetic_processor
+    from dynamic_llava.training.data import LlavaConversationDataset
 
     out = tmp_path / "data"
     assert main(["synthetic-data", "--out", str(out), "--n", "3", "--seed", "4"]) == 0

@@ -8,10 +8,9 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from dynamic_llava.sparse_training import TRAINING_ATTENTION, predictor_parameter_groups, straight_through_keep, temperature
-from dynamic_llava.tools.train import GumbelTemperatureCallback
-from dynamic_llava.tools.data import LlavaConversationDataset, collate
-from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
-from test_hub import tiny_processor
+from dynamic_llava.training.data import LlavaConversationDataset, collate
+from dynamic_llava.training.trainer import GumbelTemperatureCallback
+from fixtures.tiny import tiny_inputs, tiny_model, tiny_processor
 
 
 def training_batch(answer_words=40):
@@ -137,8 +136,8 @@ def test_stock_trainer_runs_one_epoch(tmp_path):
 def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
     import json
 
-    from dynamic_llava.tools.cli import main
-    from dynamic_llava.tools.export import export_model
+    from dynamic_llava.cli import main
+    from dynamic_llava.hub.export import export_model
 
     images = tmp_path / "images"
     images.mkdir()
@@ -180,8 +179,8 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from dynamic_llava.tools.cli import main
-    from dynamic_llava.tools.synthetic_train import DEMO_MODEL
+    from dynamic_llava.cli import main
+    from dynamic_llava.synthetic import DEMO_MODEL
 
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "16", "--seed", "5"]) == 0
     with socket.socket() as probe:
@@ -189,7 +188,7 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), "-m", "dynamic_llava.tools.cli", "train", "--data", str(tmp_path / "data" / "data.json"),
+               str(port), "-m", "dynamic_llava.cli", "train", "--data", str(tmp_path / "data" / "data.json"),
                "--images", str(tmp_path / "data" / "images"), "--model", str(DEMO_MODEL), "--out",
                str(tmp_path / "run"), "--batch-size", "2", "--max-steps", "4", "--save-steps", "4"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -221,9 +220,9 @@ def test_train_precision_option(tmp_path, monkeypatch, precision):
     """`--precision` reaches the Trainer (bf16 autocast runs on CPU too); an unknown value is refused up front."""
     import transformers
 
-    from dynamic_llava.tools.cli import main
-    from dynamic_llava.tools.synthetic_train import DEMO_MODEL
-    from dynamic_llava.tools.train import train
+    from dynamic_llava.cli import main
+    from dynamic_llava.synthetic import DEMO_MODEL
+    from dynamic_llava.training.trainer import train
 
     monkeypatch.setattr(transformers, "TrainingArguments", _SpyTrainingArguments)
     monkeypatch.setattr(_SpyTrainingArguments, "seen", [])

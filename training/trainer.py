@@ -1,6 +1,6 @@
 """`dynamic-llava train`: train the predictors (and optionally the rest) under the stock transformers Trainer.
 
-Data: LLaVA's conversation JSON (tools/data.py), the vicuna_v1 template, labels on the answers only. Optimizer:
+Data: LLaVA's conversation JSON (`training/data.py`), the vicuna_v1 template, labels on the answers only. Optimizer:
 AdamW without weight decay, predictors at `--predictor-lr` (2e-4), the rest at `--lr` (5e-6), the vision tower
 frozen unless `--unfreeze-vision-tower`; cosine schedule with 3% warm-up; Gumbel temperature 0.1^(step/max_steps)
 (GumbelTemperatureCallback). Checkpoints go to OUT/checkpoints (resumable with --resume); the trained model is
@@ -16,9 +16,10 @@ import torch
 
 from transformers import TrainerCallback
 
+from ..hub.export import export_model
+from ..hub.loading import load_local
 from ..sparse_training import predictor_parameter_groups, temperature
 from .data import LlavaConversationDataset, collate
-from .export import export_model, load_local
 
 
 class GumbelTemperatureCallback(TrainerCallback):
