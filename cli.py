@@ -36,11 +36,15 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError("--question is empty; ask about the colour, kind or position of the shape")
     inputs = processor(images=image, text=vicuna_prompt(question), return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True
+        )
     cache = cache_from_output(out)
     answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     kept = first_image_kept(cache, 0)
-    print(f"Dynamic-LLaVA demo: the embedded model ({DEMO_MODEL.name}), trained on this CPU on the synthetic shapes task")
+    print(
+        f"Dynamic-LLaVA demo: the embedded model ({DEMO_MODEL.name}), trained on this CPU on the synthetic shapes task"
+    )
     print(f"image: {args.image or f'synthetic sample, seed {args.seed}'}")
     print(f"question: {question}")
     print(f"answer: {answer}")
@@ -92,7 +96,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.model is None:
         from .synthetic import DEMO_MODEL
 
-        print("[model] none given: the embedded demo model, which only knows the synthetic shapes task", file=sys.stderr)
+        print(
+            "[model] none given: the embedded demo model, which only knows the synthetic shapes task", file=sys.stderr
+        )
         args.model = str(DEMO_MODEL)
     folder = str(resolve_model(args.model))
     kwargs = {"dtype": _dtype(args.dtype)}
@@ -101,7 +107,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.load_in_4bit or args.load_in_8bit:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit
+        )
     if args.no_sparsity:
         kwargs.update(use_vision_predictor=False, use_output_text_predictor=False)
     processor = load_processor(folder)
@@ -114,7 +122,9 @@ def _generate(args: argparse.Namespace) -> int:
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True
+        )
     cache = cache_from_output(out)
     answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(answer.strip())
@@ -141,10 +151,17 @@ def _convert(args: argparse.Namespace) -> int:
     from .hub.convert import convert_original_checkpoint
 
     convert_original_checkpoint(
-        args.src, args.out, vision_tower=args.vision_tower, tokenizer=args.tokenizer, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub, allow_pickle=args.allow_pickle,
-        overwrite=args.overwrite, verify=not args.no_verify,
-    )  # fmt: skip
+        args.src,
+        args.out,
+        vision_tower=args.vision_tower,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        push_to_hub=args.push_to_hub,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+    )
     return 0
 
 
@@ -152,8 +169,13 @@ def _export(args: argparse.Namespace) -> int:
     from .hub.export import export_model
     from .hub.folder import parse_dtype
 
-    export_model(args.model_dir, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                 dtype=parse_dtype(args.dtype))  # fmt: skip
+    export_model(
+        args.model_dir,
+        args.out_dir,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        dtype=parse_dtype(args.dtype),
+    )
     print(f"wrote {args.out_dir}")
     return 0
 
@@ -164,10 +186,16 @@ def _bench(args: argparse.Namespace) -> int:
     if args.model and args.preset:
         raise ValueError("pass --model or --preset, not both")
     results = run_bench(
-        model=args.model, preset=args.preset or "llava15-cpu", batch_size=args.batch_size,
-        new_tokens=args.new_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats, out=args.out,
+        model=args.model,
+        preset=args.preset or "llava15-cpu",
+        batch_size=args.batch_size,
+        new_tokens=args.new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        repeats=args.repeats,
+        out=args.out,
         throughput_tokens=args.throughput_tokens,
-    )  # fmt: skip
+    )
     print(format_table(results))
     return 0
 
@@ -176,12 +204,26 @@ def _train(args: argparse.Namespace) -> int:
     from .training.trainer import train
 
     folder = train(
-        args.data, args.images, args.model, args.out, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, predictor_lr=args.predictor_lr, lr=args.lr,
-        freeze_vision_tower=not args.unfreeze_vision_tower, freeze_projector=args.freeze_projector,
-        freeze_llm=args.freeze_llm, save_steps=args.save_steps, logging_steps=args.logging_steps,
-        resume=args.resume, seed=args.seed, max_length=args.max_length, precision=args.precision,
-    )  # fmt: skip
+        args.data,
+        args.images,
+        args.model,
+        args.out,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        predictor_lr=args.predictor_lr,
+        lr=args.lr,
+        freeze_vision_tower=not args.unfreeze_vision_tower,
+        freeze_projector=args.freeze_projector,
+        freeze_llm=args.freeze_llm,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        resume=args.resume,
+        seed=args.seed,
+        max_length=args.max_length,
+        precision=args.precision,
+    )
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, the main process reports
         print(f"trained model written to {folder}")
     return 0
@@ -194,8 +236,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.task != "synthetic":
         raise ValueError(f"unknown task {args.task!r}; the one task is 'synthetic'")
     model, processor = load_for_eval(args.model)
-    result = evaluate_synthetic(model, processor, n=args.n, seed=args.seed, no_sparsity=args.no_sparsity,
-                                max_new_tokens=args.max_new_tokens)  # fmt: skip
+    result = evaluate_synthetic(
+        model, processor, n=args.n, seed=args.seed, no_sparsity=args.no_sparsity, max_new_tokens=args.max_new_tokens
+    )
     print(json.dumps(result))
     return 0
 
@@ -211,9 +254,15 @@ def _synthetic_data(args: argparse.Namespace) -> int:
 def _train_synthetic(args: argparse.Namespace) -> int:
     from .synthetic.train import train_synthetic
 
-    folder = train_synthetic(args.out, vision_steps=args.vision_steps, dense_steps=args.dense_steps,
-                             sparse_steps=args.sparse_steps, batch_size=args.batch_size, seed=args.seed,
-                             calibration_samples=args.calibration_samples)  # fmt: skip
+    folder = train_synthetic(
+        args.out,
+        vision_steps=args.vision_steps,
+        dense_steps=args.dense_steps,
+        sparse_steps=args.sparse_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        calibration_samples=args.calibration_samples,
+    )
     print(f"trained model written to {folder}")
     return 0
 
@@ -232,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="answer a question about an image and print what was kept")
-    gen.add_argument("--model", help="folder or Hub id of a converted/exported Dynamic-LLaVA (default: the embedded "
-                     "demo model, trained on the synthetic shapes task)")
+    gen.add_argument(
+        "--model",
+        help="folder or Hub id of a converted/exported Dynamic-LLaVA (default: the embedded "
+        "demo model, trained on the synthetic shapes task)",
+    )
     gen.add_argument("--image", required=True, help="image path or URL")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -289,8 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--max-length", type=int, default=2048)
-    tr.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                    help="bf16/fp16: mixed-precision autocast on a GPU (weights stay fp32)")
+    tr.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="bf16/fp16: mixed-precision autocast on a GPU (weights stay fp32)",
+    )
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="answer N fresh synthetic questions; print one JSON line")
@@ -307,8 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--vision-steps", type=int, default=4000, help="phase 0: the vision tower alone (batch 32)")
     ts.add_argument("--dense-steps", type=int, default=3000, help="phase 1: LM and projector, sparsification off")
     ts.add_argument("--sparse-steps", type=int, default=2000, help="phase 2: the predictors (Gumbel masks)")
-    ts.add_argument("--calibration-samples", type=int, default=100,
-                    help="phase 3: prompts whose greedy answers set the output-text threshold")
+    ts.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=100,
+        help="phase 3: prompts whose greedy answers set the output-text threshold",
+    )
     ts.add_argument("--batch-size", type=int, default=16)
     ts.add_argument("--seed", type=int, default=0)
     ts.set_defaults(func=_train_synthetic)

@@ -42,7 +42,7 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for c, impl in zip(configs, saved):
+        for c, impl in zip(configs, saved, strict=True):
             c._attn_implementation = impl
 
 

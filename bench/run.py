@@ -45,21 +45,49 @@ PRESETS = {
     # LLaVA-1.5 proportions at a size 2 CPU cores run in minutes: 576 image tokens, 32 layers, sparse_layer 2,
     # ~60 prompt text tokens, the predictor narrowed with the model (7B: 4096 / d 512; here 256 / d 32)
     "llava15-cpu": dict(
-        text=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=32, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=32064, max_position_embeddings=4096),
-        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=336, patch_size=14),
+        text=dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=32,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+        ),
+        vision=dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+        ),
         predictor=dict(predictor_d_model=32, predictor_nhead=2, predictor_dim_feedforward=128, predictor_num_layers=2),
     ),
     # the real LLaVA-1.5-7B / Dynamic-LLaVA-7B shapes (Vicuna-7B, CLIP ViT-L/14-336): for a GPU
     "llava15-7b": dict(
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14),
-        predictor=dict(predictor_d_model=512, predictor_nhead=8, predictor_dim_feedforward=2048, predictor_num_layers=2),
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+        ),
+        vision=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
+        predictor=dict(
+            predictor_d_model=512, predictor_nhead=8, predictor_dim_feedforward=2048, predictor_num_layers=2
+        ),
     ),
-}  # fmt: skip
+}
 PROMPT_TEXT_TOKENS = 60
 IMAGE_TOKEN_ID = 32000
 
@@ -73,10 +101,16 @@ def preset_model(
     spec = PRESETS[name]
     config = DynamicLlavaConfig(
         text_config=dict(model_type="llama", pad_token_id=0, bos_token_id=1, eos_token_id=2, **spec["text"]),
-        vision_config=dict(model_type="clip_vision_model", projection_dim=spec["vision"]["hidden_size"], **spec["vision"]),
-        image_token_index=IMAGE_TOKEN_ID, image_seq_length=576, sparse_layer=2, vision_keep_rate=0.2,
-        pad_token_id=0, **spec["predictor"],
-    )  # fmt: skip
+        vision_config=dict(
+            model_type="clip_vision_model", projection_dim=spec["vision"]["hidden_size"], **spec["vision"]
+        ),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=576,
+        sparse_layer=2,
+        vision_keep_rate=0.2,
+        pad_token_id=0,
+        **spec["predictor"],
+    )
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -95,9 +129,12 @@ def bench_inputs(
     before, after = 36, PROMPT_TEXT_TOKENS - 36
     rows = []
     for _ in range(batch_size):
-        text = torch.randint(3, min(config.image_token_id, config.text_config.vocab_size), (before + after,), generator=g)
-        rows.append(torch.cat([torch.tensor([1]), text[:before], torch.full((n_image,), config.image_token_id),
-                               text[before:]]))  # fmt: skip
+        text = torch.randint(
+            3, min(config.image_token_id, config.text_config.vocab_size), (before + after,), generator=g
+        )
+        rows.append(
+            torch.cat([torch.tensor([1]), text[:before], torch.full((n_image,), config.image_token_id), text[before:]])
+        )
     side = config.vision_config.image_size
     return {
         "input_ids": torch.stack(rows).to(model.device),
@@ -145,9 +182,14 @@ def peak_rss_bytes() -> int | None:
 def generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, **kwargs: Any) -> Any:
     """Sample exactly `new_tokens` tokens (no EOS stop), returning the generate output with the cache."""
     return model.generate(
-        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0,
-        return_dict_in_generate=True, **kwargs,
-    )  # fmt: skip
+        **inputs,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=True,
+        top_k=0,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------
@@ -188,11 +230,25 @@ def run_bench(
         f"[bench] model: {num_layers} layers, hidden {text.hidden_size}, {config.image_seq_length} image tokens, "
         f"prompt {prompt_len} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on {device}"
     )
-    calibrate_output_text_bias(model, bench_inputs(model, 1, seed + 1), max_new_tokens=min(new_tokens, 128),
-                               seed=seed, min_new_tokens=min(new_tokens, 128), do_sample=True, top_k=0)  # fmt: skip
-    results: dict = {"machine": platform_summary(device), "preset": preset if isinstance(preset, str) else None,
-                     "batch_size": batch_size, "new_tokens": new_tokens, "dtype": dtype, "prompt_tokens": prompt_len,
-                     "num_layers": num_layers, "sparse_layer": sparse_layer}  # fmt: skip
+    calibrate_output_text_bias(
+        model,
+        bench_inputs(model, 1, seed + 1),
+        max_new_tokens=min(new_tokens, 128),
+        seed=seed,
+        min_new_tokens=min(new_tokens, 128),
+        do_sample=True,
+        top_k=0,
+    )
+    results: dict = {
+        "machine": platform_summary(device),
+        "preset": preset if isinstance(preset, str) else None,
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "dtype": dtype,
+        "prompt_tokens": prompt_len,
+        "num_layers": num_layers,
+        "sparse_layer": sparse_layer,
+    }
 
     # prefill FLOPs
     with torch.no_grad():
@@ -206,7 +262,8 @@ def run_bench(
     f_kept = layer_flops(stock, kept_tokens)
     floor = sparse_layer * f_full * batch_size + (num_layers - sparse_layer) * f_kept * batch_size
     results.update(
-        prefill_llm_flops_ours=ours_prefill["llm"], prefill_llm_flops_stock=stock_prefill["llm"],
+        prefill_llm_flops_ours=ours_prefill["llm"],
+        prefill_llm_flops_stock=stock_prefill["llm"],
         prefill_llm_flops_ratio=ours_prefill["llm"] / stock_prefill["llm"],
         prefill_llm_flops_floor_ratio=floor / stock_prefill["llm"],
         prefill_total_flops_ratio=ours_prefill["total"] / stock_prefill["total"],
@@ -214,7 +271,7 @@ def run_bench(
         prefill_tokens_in_sparse_layers=kept_tokens,
         vision_keep_rate=vision_kept / (config.image_seq_length * batch_size),
         prefill_flops_by_layer={"ours": ours_prefill["layers"], "stock": stock_prefill["layers"]},
-    )  # fmt: skip
+    )
 
     # prefill time, and the overhead of our machinery with sparsification off
     def prefill(m):
@@ -225,10 +282,16 @@ def run_bench(
     t_ours, t_stock = median_time(lambda: prefill(model), repeats), median_time(lambda: prefill(stock), repeats)
     with sparsity_disabled(model):
         t_off = median_time(lambda: prefill(model), repeats)
-    results.update(prefill_time_ours_s=t_ours, prefill_time_stock_s=t_stock, prefill_time_ratio=t_ours / t_stock,
-                   overhead_prefill_time_ratio=t_off / t_stock)  # fmt: skip
-    logger.info(f"[bench] prefill: FLOPs ratio {results['prefill_llm_flops_ratio']:.3f} (floor "
-        f"{results['prefill_llm_flops_floor_ratio']:.3f}), time ratio {t_ours / t_stock:.3f}")  # fmt: skip
+    results.update(
+        prefill_time_ours_s=t_ours,
+        prefill_time_stock_s=t_stock,
+        prefill_time_ratio=t_ours / t_stock,
+        overhead_prefill_time_ratio=t_off / t_stock,
+    )
+    logger.info(
+        f"[bench] prefill: FLOPs ratio {results['prefill_llm_flops_ratio']:.3f} (floor "
+        f"{results['prefill_llm_flops_floor_ratio']:.3f}), time ratio {t_ours / t_stock:.3f}"
+    )
 
     # decoding with a cache: KV bytes along the way, time per token
     curve = {"ours": [], "stock": []}
@@ -259,10 +322,12 @@ def run_bench(
     decisions = torch.cat(ours_cache.output_text_keep)
     results.update(
         output_text_keep_rate=float(decisions.float().mean()) if decisions.numel() else None,
-        kv_bytes_ours=ours_cache.stored_bytes(), kv_bytes_stock=cache_bytes(cache_from_output(stock_gen)),
-        peak_rss_ours_bytes=ours_rss, peak_rss_stock_bytes=stock_rss,
+        kv_bytes_ours=ours_cache.stored_bytes(),
+        kv_bytes_stock=cache_bytes(cache_from_output(stock_gen)),
+        peak_rss_ours_bytes=ours_rss,
+        peak_rss_stock_bytes=stock_rss,
         kv_bytes_curve=curve,
-    )  # fmt: skip
+    )
     results["kv_bytes_ratio"] = results["kv_bytes_ours"] / results["kv_bytes_stock"]
     kept_entries = ours_cache.kept_lengths()
     floor_entries = int(kept_entries.sum())  # each row's kept entries only: no padding to the longest row
@@ -272,43 +337,57 @@ def run_bench(
     g_stock = median_time(lambda: decode_run(stock), repeats)
     with sparsity_disabled(model):
         g_off = median_time(lambda: decode_run(model), repeats)
-    per_token = {k: (g - t) / new_tokens for k, g, t in (("ours", g_ours, t_ours), ("stock", g_stock, t_stock),
-                                                        ("off", g_off, t_off))}  # fmt: skip
+    per_token = {
+        k: (g - t) / new_tokens
+        for k, g, t in (("ours", g_ours, t_ours), ("stock", g_stock, t_stock), ("off", g_off, t_off))
+    }
     results.update(
-        decode_time_per_token_ours_s=per_token["ours"], decode_time_per_token_stock_s=per_token["stock"],
+        decode_time_per_token_ours_s=per_token["ours"],
+        decode_time_per_token_stock_s=per_token["stock"],
         decode_time_per_token_ratio=per_token["ours"] / per_token["stock"],
         overhead_decode_time_ratio=per_token["off"] / per_token["stock"],
-    )  # fmt: skip
-    logger.info(f"[bench] decode: KV bytes ratio {results['kv_bytes_ratio']:.3f} (floor {results['kv_bytes_floor_ratio']:.3f})"
+    )
+    logger.info(
+        f"[bench] decode: KV bytes ratio {results['kv_bytes_ratio']:.3f} (floor {results['kv_bytes_floor_ratio']:.3f})"
         f", time/token ratio {results['decode_time_per_token_ratio']:.3f}, output-text keep "
-        f"{results['output_text_keep_rate']:.2f}")  # fmt: skip
+        f"{results['output_text_keep_rate']:.2f}"
+    )
 
     # decoding without a cache: the cost of the next token after N generated ones
     sequence = ours_gen.sequences[:1]
     px = inputs["pixel_values"][:1]
     with torch.no_grad():
         with per_layer_flops(model) as ours_nc:
-            nc = model(input_ids=sequence, pixel_values=px, use_cache=False, output_text_start=prompt_len,
-                       logits_to_keep=1)  # fmt: skip
+            nc = model(
+                input_ids=sequence, pixel_values=px, use_cache=False, output_text_start=prompt_len, logits_to_keep=1
+            )
         with per_layer_flops(stock) as stock_nc:
             stock(input_ids=sequence, pixel_values=px, use_cache=False, logits_to_keep=1)
     sparse_tokens = int((nc.token_indices[0] >= 0).sum()) if nc.token_indices is not None else sequence.shape[1]
-    nc_floor = sparse_layer * layer_flops(stock, sequence.shape[1]) + (num_layers - sparse_layer) * layer_flops(stock, sparse_tokens)
+    nc_floor = sparse_layer * layer_flops(stock, sequence.shape[1]) + (num_layers - sparse_layer) * layer_flops(
+        stock, sparse_tokens
+    )
     results.update(
-        nocache_decode_flops_ours=ours_nc["llm"], nocache_decode_flops_stock=stock_nc["llm"],
+        nocache_decode_flops_ours=ours_nc["llm"],
+        nocache_decode_flops_stock=stock_nc["llm"],
         nocache_decode_flops_ratio=ours_nc["llm"] / stock_nc["llm"],
         nocache_decode_flops_floor_ratio=nc_floor / stock_nc["llm"],
-    )  # fmt: skip
+    )
 
     # throughput at batch 1 and `throughput_batch`
     for b in sorted({1, throughput_batch}):
         batch_inputs = bench_inputs(model, b, seed + 2)
 
-        def run(m):
+        def run(m, batch_inputs=batch_inputs):
             torch.manual_seed(seed)
             with torch.no_grad():
-                m.generate(**batch_inputs, max_new_tokens=throughput_tokens, min_new_tokens=throughput_tokens,
-                           do_sample=True, top_k=0)  # fmt: skip
+                m.generate(
+                    **batch_inputs,
+                    max_new_tokens=throughput_tokens,
+                    min_new_tokens=throughput_tokens,
+                    do_sample=True,
+                    top_k=0,
+                )
 
         run(model), run(stock)
         tps_ours = b * throughput_tokens / median_time(lambda: run(model), repeats)

@@ -24,7 +24,6 @@ from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..files import atomic_output_dir
 from .folder import (
     IMAGE_PROCESSOR_AUTO_MAP,
-    PROCESSOR_AUTO_MAP,
     ShardWriter,
     add_auto_map,
     hub_key,
@@ -53,8 +52,13 @@ SPARSE_CONFIG_FIELDS = {
     "mask_loss_weight": "mask_loss_weight",
 }
 # read, but with no field of their own (instruct_* only matter with the instruct predictor, which must be off)
-SPARSE_CONFIG_KNOWN = {"use_text_predictor", "use_output_text_predictor", "use_instruct_predictor",
-                       "instruct_keep_rate", "instruct_len_for_training"}  # fmt: skip
+SPARSE_CONFIG_KNOWN = {
+    "use_text_predictor",
+    "use_output_text_predictor",
+    "use_instruct_predictor",
+    "instruct_keep_rate",
+    "instruct_len_for_training",
+}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VOCAB_PAD_MULTIPLE = 64  # as llava-hf: <image> and <pad> appended, then the vocabulary padded to a multiple of 64
 
@@ -110,9 +114,17 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Te
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _stream_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -155,7 +167,7 @@ _RENAMES = (
 )
 
 
-def map_original_key(key: str) -> Optional[str]:
+def map_original_key(key: str) -> str | None:
     """Our (4.57 module layout) key for an original key; None for keys the original loader drops too.
     Raises KeyError for a key with no mapping."""
     if any(p.search(key) for p in _DROPPED):
@@ -218,11 +230,25 @@ def sparse_fields(original: dict, path: Path) -> dict:
     return fields
 
 
-def build_config(original: dict, tower_config: dict, vocab_size: int, image_token_id: int, pad_token_id: int,
-                 sparse: dict) -> DynamicLlavaConfig:  # fmt: skip
-    text_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-                 "attention_bias", "hidden_act", "bos_token_id", "eos_token_id", "pretraining_tp")  # fmt: skip
+def build_config(
+    original: dict, tower_config: dict, vocab_size: int, image_token_id: int, pad_token_id: int, sparse: dict
+) -> DynamicLlavaConfig:
+    text_keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "attention_bias",
+        "hidden_act",
+        "bos_token_id",
+        "eos_token_id",
+        "pretraining_tp",
+    )
     text_config = {k: original[k] for k in text_keys if original.get(k) is not None}
     text_config.update(model_type="llama", vocab_size=vocab_size, pad_token_id=pad_token_id, tie_word_embeddings=False)
     tower = dict(tower_config)
@@ -256,9 +282,11 @@ def load_tower(name: str, src: Path, allow_pickle: bool) -> tuple[Path, dict]:
     if not candidate.is_absolute():
         relative = src / name
         candidate = relative if relative.exists() else candidate
-    folder = candidate if candidate.exists() else resolve_source(
-        name, allow_patterns=["*.json", "*.safetensors"] + (["*.bin"] if allow_pickle else [])
-    )  # fmt: skip
+    folder = (
+        candidate
+        if candidate.exists()
+        else resolve_source(name, allow_patterns=["*.json", "*.safetensors"] + (["*.bin"] if allow_pickle else []))
+    )
     path = folder / "config.json"
     if not path.exists():
         raise ConversionError(f"vision tower {name} ({folder}) has no config.json; pass --vision-tower DIR_OR_ID.")
@@ -266,11 +294,13 @@ def load_tower(name: str, src: Path, allow_pickle: bool) -> tuple[Path, dict]:
     if "vision_config" in config:  # a full CLIPModel (openai/clip-vit-large-patch14-336)
         config = config["vision_config"]
     if config.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-        raise ConversionError(f"vision tower {name} is not a CLIP vision model (model_type={config.get('model_type')}).")
+        raise ConversionError(
+            f"vision tower {name} is not a CLIP vision model (model_type={config.get('model_type')})."
+        )
     return folder, config
 
 
-def prepare_tokenizer(folder: Optional[Path]):
+def prepare_tokenizer(folder: Path | None):
     """The tokenizer with `<image>` (and a pad token) added as llava-hf does, or None when there is none."""
     if folder is None:
         return None
@@ -309,11 +339,11 @@ def mean_rows(weight: torch.Tensor, new_rows: int) -> torch.Tensor:
 def convert_original_checkpoint(
     src: str,
     out: str,
-    vision_tower: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    dtype: Optional[str] = None,
+    vision_tower: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
     max_shard_size="5GB",
-    push_to_hub: Optional[str] = None,
+    push_to_hub: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
     verify: bool = True,
@@ -335,7 +365,9 @@ def convert_original_checkpoint(
         tok_dir = source
     tok = prepare_tokenizer(tok_dir)
     if tok is None:
-        logger.warning("[convert] no tokenizer files in the source (pass --tokenizer to add one): converting the model only")
+        logger.warning(
+            "[convert] no tokenizer files in the source (pass --tokenizer to add one): converting the model only"
+        )
 
     old_vocab = int(original["vocab_size"])
     image_token_id = old_vocab if tok is None else tok.convert_tokens_to_ids("<image>")
@@ -417,7 +449,7 @@ def convert_original_checkpoint(
     return Path(out)
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def _dtype(name: str | None) -> torch.dtype | None:
     try:
         return parse_dtype(name)
     except ValueError as error:
@@ -448,7 +480,9 @@ def _write_processor(tok, tower_dir: Path, tower_config: dict, config, folder: P
     image_processor = DynamicLlavaImageProcessor(**kwargs)
     if tok is None:
         image_processor.save_pretrained(folder)
-        add_auto_map(folder / "preprocessor_config.json", {"AutoImageProcessor": IMAGE_PROCESSOR_AUTO_MAP["AutoImageProcessor"]})
+        add_auto_map(
+            folder / "preprocessor_config.json", {"AutoImageProcessor": IMAGE_PROCESSOR_AUTO_MAP["AutoImageProcessor"]}
+        )
         return
     from .folder import write_processor_files
 
@@ -477,7 +511,8 @@ def verify_folder(folder: Path) -> None:
             out = model(input_ids=ids, pixel_values=torch.zeros(1, 3, side, side, dtype=model.dtype))
         if not torch.isfinite(out.logits).all():
             raise ConversionError("verification forward produced non-finite logits")
-        logger.info(f"[convert] verified: loaded and ran one forward ({out.logits.shape[1]} of {ids.shape[1]} positions computed)")
+        computed = f"{out.logits.shape[1]} of {ids.shape[1]} positions computed"
+        logger.info(f"[convert] verified: loaded and ran one forward ({computed})")
     finally:
         if offload is not None:
             offload.cleanup()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -120,7 +119,7 @@ def add_auto_map(path: Path, auto_map: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_state_dict(state_dict, folder: Path, max_shard_size="5GB", dtype: Optional[torch.dtype] = None) -> list:
+def write_state_dict(state_dict, folder: Path, max_shard_size="5GB", dtype: torch.dtype | None = None) -> list:
     writer = ShardWriter(folder, max_shard_size)
     for key, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
@@ -184,11 +183,17 @@ def set_dtype_field(config, dtype) -> None:
     config.torch_dtype = name
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def parse_dtype(name: str | None) -> torch.dtype | None:
     """'float16', 'bf16', ... -> torch dtype; None or 'auto' -> None (keep the stored dtype)."""
     if name in (None, "auto"):
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 PUBLISHED = """| | LLaVA-1.5-7B | Dynamic-LLaVA-7B (I\\|T) |
 |---|---|---|
@@ -19,14 +18,29 @@ Figures published by the authors (Huang et al., *Dynamic-LLaVA: Efficient Multim
 Dynamic Vision-language Context Sparsification*, ICLR 2025, arXiv:2412.00876), not measured by this package."""
 
 
-def write_model_card(folder: Path, config, base_model: Optional[str] = None, has_tokenizer: bool = True,
-                     repo_id: str = "REPO_ID") -> None:  # fmt: skip
+NO_TOKENIZER = (
+    "\n**This folder has no tokenizer** (the source had none): pass token ids yourself or add one with "
+    "`dynamic-llava convert --tokenizer`.\n"
+)
+
+
+def write_model_card(
+    folder: Path, config, base_model: str | None = None, has_tokenizer: bool = True, repo_id: str = "REPO_ID"
+) -> None:
     folder = Path(folder)
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
     if base_model:
         front.append(f"base_model: {base_model}")
-    front += ["tags:", "  - dynamic-llava", "  - llava", "  - token-pruning", "  - kv-cache-compression",
-              "  - custom_code", "---", ""]  # fmt: skip
+    front += [
+        "tags:",
+        "  - dynamic-llava",
+        "  - llava",
+        "  - token-pruning",
+        "  - kv-cache-compression",
+        "  - custom_code",
+        "---",
+        "",
+    ]
     k = int(config.image_seq_length * config.vision_keep_rate)
     body = f"""# Dynamic-LLaVA ({config.text_config.num_hidden_layers} layers, hidden {config.text_config.hidden_size})
 
@@ -34,7 +48,7 @@ Dynamic-LLaVA prunes vision tokens at prefill with a learned image predictor and
 output-text predictor decide which generated tokens' keys/values enter the KV cache. This folder is a
 `trust_remote_code` transformers model made by the `dynamic-llava` package; it runs in the stock `generate()`
 and `pipeline()` on transformers 4.57.x and 5.x.
-{"" if has_tokenizer else chr(10) + "**This folder has no tokenizer** (the source had none): pass token ids yourself or add one with `dynamic-llava convert --tokenizer`." + chr(10)}
+{"" if has_tokenizer else NO_TOKENIZER}
 ## Usage
 
 ```python
@@ -91,9 +105,14 @@ def write_notebook(path: Path, repo_id: str = "REPO_ID") -> None:
     """A notebook that loads the model, runs the pipeline on an image, prints the sparsity summary and plots the
     kept patches. `MODEL` defaults to the folder the notebook sits in."""
     cells = [
-        _cell("markdown", "# Dynamic-LLaVA: what the model keeps\nLoads the model, answers a question about an "
-                          "image with the pipeline, prints the sparsity summary and plots the kept patches."),
-        _cell("code", f"""
+        _cell(
+            "markdown",
+            "# Dynamic-LLaVA: what the model keeps\nLoads the model, answers a question about an "
+            "image with the pipeline, prints the sparsity summary and plots the kept patches.",
+        ),
+        _cell(
+            "code",
+            f"""
 import os
 import numpy as np
 import torch
@@ -103,8 +122,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 MODEL = os.environ.get("DYNAMIC_LLAVA_MODEL", ".")  # this folder, or the Hub id {repo_id!r}
 model = AutoModelForImageTextToText.from_pretrained(MODEL, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(MODEL, trust_remote_code=True)
-"""),
-        _cell("code", """
+""",
+        ),
+        _cell(
+            "code",
+            """
 # a synthetic picture: a red square and a blue disc on grey
 image = Image.new("RGB", (320, 240), (128, 128, 128))
 draw = ImageDraw.Draw(image)
@@ -114,8 +136,11 @@ messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                         {"type": "text", "text": "What shapes are in the picture?"}]}]
 pipe = pipeline("image-text-to-text", model=model, processor=processor)
 print(pipe(text=messages, max_new_tokens=16, return_full_text=False))
-"""),
-        _cell("code", """
+""",
+        ),
+        _cell(
+            "code",
+            """
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                        return_dict=True, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=16, return_dict_in_generate=True)
@@ -123,8 +148,11 @@ cache = out["cache"] if "cache" in out else out["past_key_values"]
 report = cache.sparsity_report()
 print({k: report[k] for k in ("vision_tokens_kept", "output_text_kept", "output_text_scored",
                               "stored_bytes", "dense_bytes", "kv_bytes_ratio")})
-"""),
-        _cell("code", """
+""",
+        ),
+        _cell(
+            "code",
+            """
 import matplotlib.pyplot as plt
 
 kept = cache.kept_vision_indices[0]
@@ -141,14 +169,17 @@ ax.set_title(f"kept {len(kept)} of {side * side} patches")
 ax.axis("off")
 fig.savefig("kept_patches.png", dpi=80)
 plt.show()
-"""),
+""",
+        ),
     ]
     for i, cell in enumerate(cells):
         cell["id"] = f"cell-{i}"
     notebook = {
         "cells": cells,
-        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                     "language_info": {"name": "python"}},  # fmt: skip
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
         "nbformat": 4,
         "nbformat_minor": 5,
     }

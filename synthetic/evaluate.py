@@ -47,7 +47,7 @@ def evaluate_synthetic(
                 )
             cache = cache_from_output(out)
             texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for row, (sample, text) in enumerate(zip(samples, texts)):
+            for row, (sample, text) in enumerate(zip(samples, texts, strict=True)):
                 correct += is_correct(text, sample)
                 kept = set(first_image_kept(cache, row))
                 patches = object_patches(sample["object_box"], IMAGE_SIZE, PATCH)

@@ -43,10 +43,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 # Row-major 3x3 grid: POSITIONS[row * 3 + col].
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "centre", "right",
-    "bottom left", "bottom", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "centre",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "kind", "position")
 

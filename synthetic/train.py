@@ -50,8 +50,9 @@ logger = logging.get_logger(__name__)
 def synthetic_processor() -> DynamicLlavaProcessor:
     """The processor of the synthetic task: its word-level tokenizer, 64 x 64 images, 8 x 8 patches."""
     tokenizer = build_tokenizer()
-    image_processor = DynamicLlavaImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})  # fmt: skip
+    image_processor = DynamicLlavaImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
     return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH)
 
 
@@ -59,17 +60,42 @@ def synthetic_config(tokenizer: Any, vision_hidden: int = 128, vision_layers: in
     """The demo model's config: a 4-layer, hidden-128 Llama and a 4-layer CLIP tower on 64 x 64 images."""
     vocab = int(math.ceil(len(tokenizer) / 64) * 64)
     return DynamicLlavaConfig(
-        text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
-                           projection_dim=vision_hidden),
-        vision_feature_layer=-1, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        sparse_layer=2, vision_keep_rate=0.2, output_text_keep_rate=0.5, output_text_len_for_training=50,
-        predictor_d_model=32, predictor_nhead=2, predictor_dim_feedforward=64, predictor_num_layers=1,
+        text_config=dict(
+            model_type="llama",
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH,
+            projection_dim=vision_hidden,
+        ),
+        vision_feature_layer=-1,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        sparse_layer=2,
+        vision_keep_rate=0.2,
+        output_text_keep_rate=0.5,
+        output_text_len_for_training=50,
+        predictor_d_model=32,
+        predictor_nhead=2,
+        predictor_dim_feedforward=64,
+        predictor_num_layers=1,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
 
 
 def encode_sample(
@@ -95,8 +121,13 @@ def write_synthetic_dataset(out: str | os.PathLike, n: int, seed: int = 0, overw
         for index in range(n):
             sample = make_sample(sample_rng(seed, index), IMAGE_SIZE)
             sample["image"].save(tmp / "images" / f"{index}.png")
-            records.append({"id": f"synthetic-{seed}-{index}", "image": f"{index}.png",
-                            "conversations": sample_conversation(sample)})  # fmt: skip
+            records.append(
+                {
+                    "id": f"synthetic-{seed}-{index}",
+                    "image": f"{index}.png",
+                    "conversations": sample_conversation(sample),
+                }
+            )
         (tmp / "data.json").write_text(json.dumps(records, indent=1))
     return Path(out)
 
@@ -106,8 +137,10 @@ def _batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     index = 0
     while True:
-        items = [encode_sample(make_sample(sample_rng(seed, index + i), IMAGE_SIZE), processor, config.image_seq_length)
-                 for i in range(batch_size)]  # fmt: skip
+        items = [
+            encode_sample(make_sample(sample_rng(seed, index + i), IMAGE_SIZE), processor, config.image_seq_length)
+            for i in range(batch_size)
+        ]
         index += batch_size
         yield collate(items, pad_token_id=processor.tokenizer.pad_token_id)
 
@@ -152,12 +185,16 @@ def pretrain_vision_tower(
     tower.train()
     start = time.time()
     for step in range(steps):
-        samples = [make_sample(sample_rng(seed + 99991, step * batch_size + i), IMAGE_SIZE, with_background=True)
-                   for i in range(batch_size)]  # fmt: skip
+        samples = [
+            make_sample(sample_rng(seed + 99991, step * batch_size + i), IMAGE_SIZE, with_background=True)
+            for i in range(batch_size)
+        ]
         pixels = processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
         features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # no class token
         with torch.no_grad():
-            empty = processor.image_processor([s["background_image"] for s in samples], return_tensors="pt")["pixel_values"]
+            empty = processor.image_processor([s["background_image"] for s in samples], return_tensors="pt")[
+                "pixel_values"
+            ]
             empty = tower(pixel_values=empty, output_hidden_states=True).hidden_states[layer][:, 1:]
         rows, patches = [], []
         outside = torch.ones(features.shape[:2], dtype=torch.bool)
@@ -168,9 +205,15 @@ def pretrain_vision_tower(
             outside[row, covered] = False
         rows = torch.tensor(rows)
         picked = features[rows, torch.tensor(patches)]
-        targets = [[SHAPES.index(s["shape"]) for s in samples], [colours.index(s["colour"]) for s in samples],
-                   [POSITIONS.index(s["position"]) for s in samples]]  # fmt: skip
-        losses = [torch.nn.functional.cross_entropy(head(picked), torch.tensor(t)[rows]) for head, t in zip(heads, targets)]
+        targets = [
+            [SHAPES.index(s["shape"]) for s in samples],
+            [colours.index(s["colour"]) for s in samples],
+            [POSITIONS.index(s["position"]) for s in samples],
+        ]
+        losses = [
+            torch.nn.functional.cross_entropy(head(picked), torch.tensor(t)[rows])
+            for head, t in zip(heads, targets, strict=True)
+        ]
         locality = (features[outside] - empty[outside]).pow(2).mean() / empty[outside].pow(2).mean().clamp(min=1e-6)
         optimizer.zero_grad()
         (sum(losses) + locality).backward()
@@ -250,8 +293,9 @@ def train_synthetic(
 
     # phase 3: calibrate the output-text threshold on fresh prompts of the training stream
     first = (dense_steps + sparse_steps) * batch_size
-    keep = calibrate_output_text_threshold(model, processor, [make_sample(sample_rng(seed, first + i), IMAGE_SIZE)
-                                                              for i in range(calibration_samples)])  # fmt: skip
+    keep = calibrate_output_text_threshold(
+        model, processor, [make_sample(sample_rng(seed, first + i), IMAGE_SIZE) for i in range(calibration_samples)]
+    )
     logger.info(
         f"[calibrate] output-text keep rate {keep:.3f} on {calibration_samples} training-stream prompts "
         f"(target {config.output_text_keep_rate}) ({time.time() - start:.0f}s)"
@@ -272,5 +316,9 @@ def calibrate_output_text_threshold(
     inference threshold keeps all of those. Returns the keep rate after the shift.
     """
     with torch.no_grad():
-        return calibrate_output_text_bias(model, prompt_inputs(processor, samples), max_new_tokens=max_new_tokens,
-                                          keep_rate=model.config.output_text_keep_rate)  # fmt: skip
+        return calibrate_output_text_bias(
+            model,
+            prompt_inputs(processor, samples),
+            max_new_tokens=max_new_tokens,
+            keep_rate=model.config.output_text_keep_rate,
+        )

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from dynamic_llava.training.calibration import calibrate_output_text_bias
+
 from fixtures import HUB_LOAD_SCRIPT, ORIGINAL_REFERENCE
 from fixtures.tiny import tiny_inputs, tiny_model
 from fixtures.tiny import tiny_processor as make_tiny_processor
-
-from dynamic_llava.training.calibration import calibrate_output_text_bias
 
 torch.set_num_threads(2)
 

@@ -34,7 +34,7 @@ def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
     question = "What colour is the object?"
     assert main(["demo", "--image", str(path), "--question", question, "--save", str(tmp_path / "k.png")]) == 0
     answer = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("answer: "))
-    assert is_correct(answer[len("answer: "):], dict(sample, answer=sample["colour"])), answer
+    assert is_correct(answer[len("answer: ") :], dict(sample, answer=sample["colour"])), answer
     assert main(["generate", "--image", str(path), "--prompt", question, "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out.lower().startswith(sample["colour"]), captured.out
@@ -51,10 +51,11 @@ def test_console_script_is_installed():
 
 
 def test_generate_command_prints_answer_and_summary(tmp_path, capsys, monkeypatch, tiny_processor):
-    from fixtures.tiny import tiny_model
     from PIL import Image
 
     from dynamic_llava.hub.export import export_model
+
+    from fixtures.tiny import tiny_model
 
     folder = export_model(tiny_model(6), tmp_path / "repo", processor=tiny_processor)
     image = tmp_path / "in.png"

@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 import torch
-from fixtures.original_checkpoints import write_original_checkpoint
 from safetensors.torch import load_file, save_file
 
 from dynamic_llava import DynamicLlavaForConditionalGeneration
 from dynamic_llava.hub.convert import ConversionError, convert_original_checkpoint
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
+
+from fixtures.original_checkpoints import write_original_checkpoint
 
 STEPS = 24
 
@@ -92,7 +93,7 @@ def test_parity_with_original_cached_generation(converted, sample, one_thread):
     step_logits = []
     cache = None
     sequence = ids
-    for step in range(STEPS):
+    for _ in range(STEPS):
         with torch.no_grad():
             if cache is None:
                 out = model(input_ids=sequence, pixel_values=pixels)
@@ -112,8 +113,9 @@ def test_parity_with_original_cached_generation(converted, sample, one_thread):
     # the same through generate(), cached and not cached
     gen = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, do_sample=False)
     assert torch.equal(gen[0, ids.shape[1] :], generated)
-    uncached = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, do_sample=False,
-                              use_cache=False)  # fmt: skip
+    uncached = model.generate(
+        input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, do_sample=False, use_cache=False
+    )
     assert torch.equal(uncached[0, ids.shape[1] :], generated)
 
 
@@ -149,8 +151,12 @@ def test_parity_with_original_multiround(converted, one_thread):
 
 @pytest.mark.parametrize("shards, tower_copy", [(1, True), (1, False), (3, True), (2, False)])
 def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, caplog):
-    src = write_original_checkpoint(tmp_path / "src", shards=shards, with_tower_copy=tower_copy,
-                                    extra_sparse={"maskclip_new_thing": 3, "future_knob": "x"})  # fmt: skip
+    src = write_original_checkpoint(
+        tmp_path / "src",
+        shards=shards,
+        with_tower_copy=tower_copy,
+        extra_sparse={"maskclip_new_thing": 3, "future_knob": "x"},
+    )
     with caplog.at_level(logging.WARNING, logger="dynamic_llava"):
         out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
     assert "future_knob" in caplog.text  # unknown sparse_config keys are reported (a warning), not fatal
@@ -161,11 +167,14 @@ def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, caplog):
     for file in sorted(src.glob("*.safetensors")):
         original.update(load_file(file))
     state = model.state_dict()
-    assert torch.equal(state["model.language_model.layers.1.mlp.up_proj.weight"],
-                       original["model.layers.1.mlp.up_proj.weight"])  # fmt: skip
+    assert torch.equal(
+        state["model.language_model.layers.1.mlp.up_proj.weight"], original["model.layers.1.mlp.up_proj.weight"]
+    )
     assert torch.equal(state["model.multi_modal_projector.linear_2.bias"], original["model.mm_projector.2.bias"])
-    assert torch.equal(state["output_text_score_predictor.output_mlp.7.weight"],
-                       original["model.output_text_score_predictor.output_mlp.7.weight"])  # fmt: skip
+    assert torch.equal(
+        state["output_text_score_predictor.output_mlp.7.weight"],
+        original["model.output_text_score_predictor.output_mlp.7.weight"],
+    )
     # <image> and <pad> appended like llava-hf, vocabulary padded to a multiple of 64 with the mean row
     config = model.config
     assert (config.image_token_id, config.text_config.vocab_size) == (120, 128)

@@ -4,14 +4,15 @@ import copy
 
 import pytest
 import torch
-from fixtures.tiny import IMAGE_TOKEN_ID, tiny_config, tiny_inputs, tiny_model
 from transformers import DynamicCache
 
 from dynamic_llava import DynamicLlavaCache, DynamicLlavaConfig
-from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
 from dynamic_llava.bench.stock import stock_llava
+from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
 from dynamic_llava.sparse_cache import cache_from_output as cache_of
 from dynamic_llava.training.calibration import calibrate_output_text_bias
+
+from fixtures.tiny import IMAGE_TOKEN_ID, tiny_config, tiny_inputs, tiny_model
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from dynamic_llava.processor import VICUNA_V1_SYSTEM
@@ -18,9 +17,16 @@ def folder(tmp_path):
 
 
 def sample(**changes):
-    base = {"id": "s1", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nw5 w6"}, {"from": "gpt", "value": "w7 w8 w9"},
-        {"from": "human", "value": "w10"}, {"from": "gpt", "value": "w11"}]}  # fmt: skip
+    base = {
+        "id": "s1",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nw5 w6"},
+            {"from": "gpt", "value": "w7 w8 w9"},
+            {"from": "human", "value": "w10"},
+            {"from": "gpt", "value": "w11"},
+        ],
+    }
     base.update(changes)
     return base
 
@@ -70,11 +76,15 @@ def test_collate_pads_right_and_masks_labels(folder, tiny_processor):
     "bad, message",
     [
         (sample(image="missing.png"), "sample 0 \\(id 's1'\\): image file 'missing.png' not found"),
-        (sample(conversations=[{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w6"}]),
-         "sample 0 \\(id 's1'\\) has an image but 0 '<image>'"),  # fmt: skip
+        (
+            sample(conversations=[{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w6"}]),
+            "sample 0 \\(id 's1'\\) has an image but 0 '<image>'",
+        ),
         (sample(conversations=[]), "sample 0 \\(id 's1'\\) has no conversations"),
-        ({"id": 7, "conversations": [{"from": "human", "value": "<image>\nw5"}, {"from": "gpt", "value": "w6"}]},
-         "sample 0 \\(id 7\\) has '<image>' in its text but no 'image' file"),  # fmt: skip
+        (
+            {"id": 7, "conversations": [{"from": "human", "value": "<image>\nw5"}, {"from": "gpt", "value": "w6"}]},
+            "sample 0 \\(id 7\\) has '<image>' in its text but no 'image' file",
+        ),
         (sample(conversations=[{"from": "gpt", "value": "w5"}]), "turn 0 must be"),
     ],
 )

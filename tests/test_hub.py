@@ -13,6 +13,7 @@ from transformers import pipeline
 
 from dynamic_llava.files import OutputExistsError
 from dynamic_llava.hub.export import export_model
+
 from fixtures.tiny import tiny_model
 
 
@@ -34,10 +35,20 @@ def exported(tmp_path_factory):
 def test_exported_folder_is_what_a_hub_repo_holds(exported):
     _, _, folder, _ = exported
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_dynamic_llava.py", "configuration_dynamic_llava.py",
-            "sparse_cache.py", "processing_dynamic_llava.py", "image_processing_dynamic_llava.py",
-            "preprocessor_config.json", "tokenizer_config.json", "generation_config.json", "README.md",
-            "example.ipynb"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_dynamic_llava.py",
+        "configuration_dynamic_llava.py",
+        "sparse_cache.py",
+        "processing_dynamic_llava.py",
+        "image_processing_dynamic_llava.py",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "example.ipynb",
+    } <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
@@ -53,8 +64,12 @@ def test_fresh_process_without_the_project_matches_in_process(exported, hub_load
     repo_root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, str(hub_load_script), str(folder), ",".join(images), repo_root.name],
-        capture_output=True, text=True, env=env, cwd=str(folder.parent), timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(folder.parent),
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.split("RESULT ", 1)[1])
     assert all(module.startswith("transformers_modules") for module in result["classes"]), result["classes"]
@@ -70,8 +85,10 @@ def test_fresh_process_without_the_project_matches_in_process(exported, hub_load
     assert len(result["kept_vision"]) == 4
 
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
-    messages = [[{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "w5 w6 w7"}]}]
-                for im in pil]  # fmt: skip
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "w5 w6 w7"}]}]
+        for im in pil
+    ]
     one = pipe(text=messages[0], max_new_tokens=8, return_full_text=False)[0]["generated_text"]
     assert result["pipeline_one"] == one and one.strip()
     both = [pipe(text=m, max_new_tokens=8, return_full_text=False)[0]["generated_text"] for m in messages]

@@ -5,9 +5,9 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-from fixtures.original_checkpoints import write_original_checkpoint
-
 from dynamic_llava.hub.convert import convert_original_checkpoint
+
+from fixtures.original_checkpoints import write_original_checkpoint
 
 
 def test_generated_notebook_executes_and_plots(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from fixtures.tiny import tiny_model
-
 from dynamic_llava.hub.export import export_model
+
+from fixtures.tiny import tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -35,8 +35,9 @@ def test_readme_quickstart_runs_as_written(tmp_path, tiny_processor):
     script.write_text("import sys\nsys.modules['dynamic_llava'] = None\n" + code)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     env.pop("PYTHONPATH", None)
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "'vision_tokens_kept': [[4]]" in run.stdout
     assert "generated_text" in run.stdout

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from fixtures.tiny import tiny_inputs, tiny_model
-
 from dynamic_llava.cli import main
 from dynamic_llava.training.calibration import calibrate_output_text_bias
+
+from fixtures.tiny import tiny_inputs, tiny_model
 
 
 def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
@@ -16,16 +16,38 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
 
     out, again = tmp_path / "model", tmp_path / "again"
     for folder in (out, again):  # seeded: a second run gives the same weights
-        assert main(["train-synthetic", "--out", str(folder), "--vision-steps", "2", "--dense-steps", "3",
-                     "--sparse-steps", "2", "--batch-size", "4", "--calibration-samples", "4"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train-synthetic",
+                    "--out",
+                    str(folder),
+                    "--vision-steps",
+                    "2",
+                    "--dense-steps",
+                    "3",
+                    "--sparse-steps",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--calibration-samples",
+                    "4",
+                ]
+            )
+            == 0
+        )
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
     log = capsys.readouterr().err  # progress: the library's logger, to stderr under the command
     for phase in ("[vision ", "[dense ", "[sparse ", "[calibrate] output-text keep rate"):
         assert phase in log
     first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert main(["evaluate", "--task", "synthetic", "--n", "6", "--seed", "7", "--model", str(out),
-                 "--max-new-tokens", "8"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["evaluate", "--task", "synthetic", "--n", "6", "--seed", "7", "--model", str(out), "--max-new-tokens", "8"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 6 and 0 <= result["accuracy"] <= 1 and result["correct"] == round(result["accuracy"] * 6)
     assert abs(result["vision_keep_rate"] - int(64 * 0.2) / 64) < 1e-9  # 12 of 64 patches per image

@@ -42,7 +42,7 @@ def calibrate_output_text_bias(
     for _ in range(rounds):
         margins = []
         hook = head.register_forward_hook(
-            lambda mod, args, out: margins.append((out[..., 0] - out[..., 1]).flatten().float())
+            lambda mod, args, out, margins=margins: margins.append((out[..., 0] - out[..., 1]).flatten().float())
         )
         try:
             run()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -77,7 +76,9 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         count = sum(turn["value"].count(IMAGE) for turn in turns)
         if "image" in sample:
             if count != 1:
-                raise DataError(f"{name} has an image but {count} '<image>' in its text; put one '<image>' in the first question")
+                raise DataError(
+                    f"{name} has an image but {count} '<image>' in its text; put one '<image>' in the first question"
+                )
             if self.image_folder is None or not (self.image_folder / sample["image"]).is_file():
                 raise DataError(f"{name}: image file {sample['image']!r} not found in {self.image_folder}")
         elif count:

@@ -13,7 +13,6 @@ import functools
 from pathlib import Path
 
 import torch
-
 from transformers import TrainerCallback
 
 from ..hub.export import export_model
