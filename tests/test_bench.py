@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -72,6 +73,7 @@ def test_cache_bytes_equal_hand_counts():
     assert isinstance(stock, DynamicCache) and cache_bytes(stock) == 4 * 2 * n * entry == ours.dense_bytes()
 
 
+@pytest.mark.slow
 def test_bench_command_writes_results_and_plots(tmp_path):
     model = tiny_model(0)
     results = run_bench(

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from dynamic_llava.cli import main
 
 
@@ -43,6 +45,7 @@ def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     result = subprocess.run(
         [sys.executable, "-m", "dynamic_llava.cli", "--help"], capture_output=True, text=True, check=True

@@ -57,6 +57,7 @@ def test_exported_folder_is_what_a_hub_repo_holds(exported):
     assert "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card
 
 
+@pytest.mark.slow
 def test_fresh_process_without_the_project_matches_in_process(exported, hub_load_script):
     model, processor, folder, images = exported
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}

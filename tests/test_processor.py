@@ -416,6 +416,7 @@ def test_processor_attributes_survive_save(tiny_processor, tmp_path):
     assert template == DEFAULT_CHAT_TEMPLATE
 
 
+@pytest.mark.slow
 def test_remote_code_export_round_trip(tmp_path):
     """Flat remote-code folder: register_for_auto_class + save_pretrained, then AutoProcessor with
     trust_remote_code in a fresh process (its own HF_HOME, offline)."""

@@ -105,6 +105,7 @@ def compare_decisions(reference, other, label, seeds=range(6)):
 bnb = importlib.util.find_spec("bitsandbytes") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not bnb, reason="bitsandbytes is not installed (pip install dynamic-llava[quant])")
 @pytest.mark.parametrize("mode", ["8bit", "nf4", "fp4"])
 def test_bitsandbytes(saved, mode):
@@ -168,6 +169,7 @@ def offload_maps(sparse_layer):
     return [split, "auto"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["manual", "auto"])
 def test_device_map_and_disk_offload(saved, tmp_path, which):
     model, folder = saved

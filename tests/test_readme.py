@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from dynamic_llava.hub.export import export_model
@@ -22,6 +23,7 @@ def quickstart_code() -> str:
     return block.group(1)
 
 
+@pytest.mark.slow
 def test_readme_quickstart_runs_as_written(tmp_path, tiny_processor):
     folder = export_model(tiny_model(5), tmp_path / "repo", processor=tiny_processor)
     image = tmp_path / "photo.png"

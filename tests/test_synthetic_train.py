@@ -11,6 +11,7 @@ from dynamic_llava.training.calibration import calibrate_output_text_bias
 from fixtures.tiny import tiny_inputs, tiny_model
 
 
+@pytest.mark.slow
 def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -59,6 +60,7 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_embedded_model_answers_fresh_questions(capsys):
     """The shipped model (the default of evaluate), on 24 questions of a seed it was never evaluated on."""
     assert main(["evaluate", "--n", "24", "--seed", "2024"]) == 0

@@ -121,6 +121,7 @@ def test_a_few_steps_move_keep_ratios_toward_targets_and_loss_down():
     assert loss1 < loss0
 
 
+@pytest.mark.slow
 def test_stock_trainer_runs_one_epoch(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -166,6 +167,7 @@ def test_stock_trainer_runs_one_epoch(tmp_path):
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())  # frozen by default
 
 
+@pytest.mark.slow
 def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
     import json
 
@@ -226,6 +228,7 @@ def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_on_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 ... train` runs unchanged (DDP; gloo on this CPU machine)."""
     import json
@@ -298,6 +301,7 @@ class _SpyTrainingArguments(TrainingArguments):
         _SpyTrainingArguments.seen.append((self.bf16, self.fp16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_train_precision_option(tmp_path, monkeypatch, precision):
     """`--precision` reaches the Trainer (bf16 autocast runs on CPU too); an unknown value is refused up front."""
