@@ -16,6 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.utils import logging
@@ -33,6 +34,9 @@ from .folder import (
     write_model_config,
 )
 from .loading import resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.get_logger(__name__)
 
@@ -300,7 +304,7 @@ def load_tower(name: str, src: Path, allow_pickle: bool) -> tuple[Path, dict]:
     return folder, config
 
 
-def prepare_tokenizer(folder: Path | None):
+def prepare_tokenizer(folder: Path | None) -> PreTrainedTokenizerBase | None:
     """The tokenizer with `<image>` (and a pad token) added as llava-hf does, or None when there is none."""
     if folder is None:
         return None
@@ -338,11 +342,11 @@ def mean_rows(weight: torch.Tensor, new_rows: int) -> torch.Tensor:
 
 def convert_original_checkpoint(
     src: str,
-    out: str,
+    out: str | os.PathLike,
     vision_tower: str | None = None,
     tokenizer: str | None = None,
     dtype: str | None = None,
-    max_shard_size="5GB",
+    max_shard_size: int | str = "5GB",
     push_to_hub: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,

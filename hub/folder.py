@@ -5,11 +5,16 @@ files, `auto_map`, the processor files and the dtype fields. The folder itself i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from ..configuration_dynamic_llava import DynamicLlavaConfig
 
 # the package root (the parent of hub/): where the flat remote-code files are
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +39,7 @@ IMAGE_PROCESSOR_AUTO_MAP = {
 }
 
 
-def parse_size(size) -> int:
+def parse_size(size: int | str) -> int:
     """'5GB', '500MB', '10KB' or an int -> bytes."""
     if isinstance(size, int):
         return size
@@ -106,20 +111,27 @@ def write_code_files(folder: Path) -> None:
         shutil.copyfile(source, Path(folder) / name)
 
 
-def write_model_config(config, folder: Path) -> None:
+def write_model_config(config: DynamicLlavaConfig, folder: str | os.PathLike) -> None:
     """config.json with `auto_map` and `architectures`, as transformers 4.57 writes it (5.x reads it)."""
     config.auto_map = dict(MODEL_AUTO_MAP)
     config.architectures = ["DynamicLlavaForConditionalGeneration"]
     config.save_pretrained(folder)
 
 
-def add_auto_map(path: Path, auto_map: dict) -> None:
+def add_auto_map(path: str | os.PathLike, auto_map: dict[str, str]) -> None:
+    """Set the `auto_map` entry of a JSON file (sorted keys, as transformers writes them)."""
     data = json.loads(Path(path).read_text())
     data["auto_map"] = dict(auto_map)
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_state_dict(state_dict, folder: Path, max_shard_size="5GB", dtype: torch.dtype | None = None) -> list:
+def write_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    folder: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Write `state_dict` as safetensors shards under its 4.57-layout keys (`hub_key`); returns the file names."""
     writer = ShardWriter(folder, max_shard_size)
     for key, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
@@ -129,7 +141,9 @@ def write_state_dict(state_dict, folder: Path, max_shard_size="5GB", dtype: torc
     return writer.finish()
 
 
-def write_processor_files(image_processor, tokenizer, config, folder: Path) -> None:
+def write_processor_files(
+    image_processor: Any, tokenizer: Any, config: DynamicLlavaConfig, folder: str | os.PathLike
+) -> None:
     """Processor, image processor and tokenizer files with the chat template and `auto_map`, in the format both
     transformers majors read (TRANSFORMERS_NOTES section 7)."""
     from ..processor.processing_dynamic_llava import DynamicLlavaProcessor
@@ -171,7 +185,7 @@ def _normalize_processor_files(folder: Path) -> None:
             tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def set_dtype_field(config, dtype) -> None:
+def set_dtype_field(config: DynamicLlavaConfig, dtype: torch.dtype | str) -> None:
     """config.json's dtype entry: `dtype` in transformers 5.x, `torch_dtype` in 4.57."""
     name = str(dtype).replace("torch.", "")
     if hasattr(type(config), "dtype") or "dtype" in getattr(config, "__dataclass_fields__", {}):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..configuration_dynamic_llava import DynamicLlavaConfig
 
 PUBLISHED = """| | LLaVA-1.5-7B | Dynamic-LLaVA-7B (I\\|T) |
 |---|---|---|
@@ -25,8 +30,13 @@ NO_TOKENIZER = (
 
 
 def write_model_card(
-    folder: Path, config, base_model: str | None = None, has_tokenizer: bool = True, repo_id: str = "REPO_ID"
+    folder: str | os.PathLike,
+    config: DynamicLlavaConfig,
+    base_model: str | None = None,
+    has_tokenizer: bool = True,
+    repo_id: str = "REPO_ID",
 ) -> None:
+    """The model card (README.md with Hub metadata) and `example.ipynb` of a Hub folder."""
     folder = Path(folder)
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
     if base_model:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynamic_llava import DynamicLlavaForConditionalGeneration
+from dynamic_llava.processor import DynamicLlavaProcessor
 from dynamic_llava.training.calibration import calibrate_output_text_bias
 
 from fixtures import HUB_LOAD_SCRIPT, ORIGINAL_REFERENCE
@@ -40,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def calibrated_model():
+def calibrated_model() -> DynamicLlavaForConditionalGeneration:
     """Tiny model whose output-text predictor keeps about half of the generated tokens."""
     model = tiny_model(0)
     calibrate_output_text_bias(model, tiny_inputs([(5, 6, 7, 8, 9)]), max_new_tokens=30)
@@ -48,13 +50,13 @@ def calibrated_model():
 
 
 @pytest.fixture(scope="session")
-def batch_inputs():
+def batch_inputs() -> dict[str, torch.Tensor]:
     """3 rows: different prompts, lengths, images (left padded)."""
     return tiny_inputs([(5, 6, 7, 8, 9, 10, 11), (12, 13), (14, 15, 16, 17)], seed=3, image_position=1)
 
 
 @pytest.fixture
-def tiny_processor():
+def tiny_processor() -> DynamicLlavaProcessor:
     """A fresh processor of the tiny model (word-level tokenizer `w3`..`w126`, `<image>` = 127, 32 x 32 images)."""
     return make_tiny_processor()
 

@@ -10,9 +10,16 @@ answer spans are known exactly; labels are -100 everywhere but on the answers an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..processor import DynamicLlavaProcessor
 
 from ..processor.processing_dynamic_llava import VICUNA_V1_SYSTEM
 
@@ -35,7 +42,14 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     Every sample is checked when the dataset is built: bad ones raise `DataError` naming the sample.
     """
 
-    def __init__(self, data, image_folder, processor, image_seq_length: int, max_length: int = 2048):
+    def __init__(
+        self,
+        data: str | os.PathLike | list[dict[str, Any]],
+        image_folder: str | os.PathLike | None,
+        processor: DynamicLlavaProcessor,
+        image_seq_length: int,
+        max_length: int = 2048,
+    ) -> None:
         if isinstance(data, (str, Path)):
             path = Path(data)
             if not path.exists():
@@ -87,7 +101,7 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index) -> dict:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         input_ids, labels = encode_conversation(self.tokenizer, sample["conversations"], self.image_seq_length)
         input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
@@ -100,7 +114,9 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         return item
 
 
-def encode_conversation(tokenizer, turns: list[dict], image_seq_length: int) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], image_seq_length: int
+) -> tuple[list[int], list[int]]:
     """
     vicuna_v1 token ids of a conversation and its labels (-100 but on the answers and their `</s>`); each
     `<image>` is expanded to `image_seq_length` tokens. Segments are tokenized one by one, so spans are exact.
@@ -122,7 +138,7 @@ def encode_conversation(tokenizer, turns: list[dict], image_seq_length: int) -> 
     return input_ids, labels
 
 
-def collate(batch: list[dict], pad_token_id: int) -> dict:
+def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch (training): `input_ids`, `attention_mask`, `labels` (-100 on padding), `pixel_values`
     stacked for the rows that have an image (in row order, as the model assigns images to `<image>` spans)."""
     width = max(item["input_ids"].numel() for item in batch)

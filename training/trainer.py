@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..hub.export import export_model
 from ..hub.loading import load_local
@@ -24,7 +25,14 @@ from .data import LlavaConversationDataset, collate
 class GumbelTemperatureCallback(TrainerCallback):
     """Sets `model.gumbel_tau = 0.1 ** (step / max_steps)` before every optimizer step (stock Trainer)."""
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if model is not None:
             target = model.module if hasattr(model, "module") else model
             target.gumbel_tau = temperature(state.global_step, state.max_steps)
