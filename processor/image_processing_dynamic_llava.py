@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
 from transformers.processing_utils import ImagesKwargs
 
 try:  # transformers >= 5: the PIL backend is a separate class (`CLIPImageProcessor` needs torchvision there)
@@ -87,7 +86,9 @@ def load_image_input(image: Any, timeout: float | None = None) -> Any:
         try:
             return load_image(image, timeout=timeout)
         except Exception as error:
-            raise ValueError(f"Could not load the image from {image[:200]!r} ({type(error).__name__}: {error}).") from error
+            raise ValueError(
+                f"Could not load the image from {image[:200]!r} ({type(error).__name__}: {error})."
+            ) from error
     return load_image_file(image)
 
 
@@ -115,7 +116,9 @@ def flatten_images(images: Any) -> list:
     if isinstance(images, np.ndarray) or _is_torch_tensor(images):
         if images.ndim == 4:
             return [images[i] for i in range(images.shape[0])]
-        raise ValueError(f"Expected an image array with 2, 3 or 4 dimensions, got shape {tuple(images.shape)}. " + _INPUT_HINT)
+        raise ValueError(
+            f"Expected an image array with 2, 3 or 4 dimensions, got shape {tuple(images.shape)}. " + _INPUT_HINT
+        )
     if isinstance(images, (list, tuple)):
         flat = []
         for item in images:
@@ -293,7 +296,11 @@ class DynamicLlavaImageProcessor(_CLIPImageProcessorBase):
         pixel_values = output.get("pixel_values")
         if isinstance(pixel_values, np.ndarray) and pixel_values.dtype != np.float32:
             output["pixel_values"] = pixel_values.astype(np.float32)
-        elif _is_torch_tensor(pixel_values) and pixel_values.is_floating_point() and str(pixel_values.dtype) != "torch.float32":
+        elif (
+            _is_torch_tensor(pixel_values)
+            and pixel_values.is_floating_point()
+            and str(pixel_values.dtype) != "torch.float32"
+        ):
             output["pixel_values"] = pixel_values.float()
         return output
 

@@ -26,7 +26,6 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from .image_processing_dynamic_llava import flatten_images, load_image_input
 
-
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -47,7 +46,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}"
-    "{%- set system_message = \"" + VICUNA_V1_SYSTEM + "\" -%}"
+    '{%- set system_message = "' + VICUNA_V1_SYSTEM + '" -%}'
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{{- system_message + ' ' -}}"
@@ -75,7 +74,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endgeneration -%}"
     "{%- else -%}"
     "{{- raise_exception('Unsupported message role ' + message['role'] + ': use \"user\" and \"assistant\" "
-    "(and an optional first \"system\" message).') -}}"
+    '(and an optional first "system" message).\') -}}'
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"

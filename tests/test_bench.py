@@ -2,20 +2,23 @@
 
 import json
 
+import pytest
 import torch
 from transformers import DynamicCache
 
+from dynamic_llava.bench.accounting import cache_bytes, layer_flops, per_layer_flops
+from dynamic_llava.bench.run import run_bench
+from dynamic_llava.bench.stock import stock_llava
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
-from dynamic_llava.tools.bench import cache_bytes, layer_flops, per_layer_flops, run_bench
-from dynamic_llava.tools.stock import stock_llava
-from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
 
-H, HEADS, KV, D, I = 32, 4, 2, 8, 64  # the tiny model's text shapes
+from fixtures.tiny import tiny_inputs, tiny_model
+
+H, HEADS, KV, D, FF = 32, 4, 2, 8, 64  # the tiny model's text shapes (FF: the MLP's intermediate size)
 
 
 def llama_layer(t, k):
     """Linear layers (q, k, v, o, gate, up, down) on t tokens + attention of t queries over k keys."""
-    return 2 * t * (H * H + 2 * H * KV * D + H * H) + 2 * t * 3 * H * I + 4 * HEADS * t * k * D
+    return 2 * t * (H * H + 2 * H * KV * D + H * H) + 2 * t * 3 * H * FF + 4 * HEADS * t * k * D
 
 
 def image_predictor(tokens=16, d=16, ff=32):
@@ -70,15 +73,26 @@ def test_cache_bytes_equal_hand_counts():
     assert isinstance(stock, DynamicCache) and cache_bytes(stock) == 4 * 2 * n * entry == ours.dense_bytes()
 
 
+@pytest.mark.slow
 def test_bench_command_writes_results_and_plots(tmp_path):
     model = tiny_model(0)
-    results = run_bench(model=model, new_tokens=6, repeats=1, out=str(tmp_path), throughput_batch=2,
-                        throughput_tokens=3, log=lambda *a: None)  # fmt: skip
+    results = run_bench(
+        model=model, new_tokens=6, repeats=1, out=str(tmp_path), throughput_batch=2, throughput_tokens=3
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("prefill_llm_flops_ratio", "prefill_llm_flops_floor_ratio", "kv_bytes_ratio", "kv_bytes_floor_ratio",
-                "nocache_decode_flops_ratio", "overhead_prefill_time_ratio", "overhead_decode_time_ratio",
-                "decode_time_per_token_ratio", "batch2_tokens_per_s_ratio", "vision_keep_rate",
-                "output_text_keep_rate"):  # fmt: skip
+    for key in (
+        "prefill_llm_flops_ratio",
+        "prefill_llm_flops_floor_ratio",
+        "kv_bytes_ratio",
+        "kv_bytes_floor_ratio",
+        "nocache_decode_flops_ratio",
+        "overhead_prefill_time_ratio",
+        "overhead_decode_time_ratio",
+        "decode_time_per_token_ratio",
+        "batch2_tokens_per_s_ratio",
+        "vision_keep_rate",
+        "output_text_keep_rate",
+    ):
         assert key in saved, key
     assert saved["vision_keep_rate"] == 0.25
     # the accounting of this run, by hand: prompt 62 tokens (60 text + 16 image - ... see bench_inputs)

@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
-from dynamic_llava.tools.cli import main
+import pytest
+
+from dynamic_llava.cli import main
 
 
 def test_demo_answers_with_the_embedded_model_and_never_overwrites_the_png(tmp_path, capsys, monkeypatch):
@@ -26,7 +28,7 @@ def test_demo_answers_with_the_embedded_model_and_never_overwrites_the_png(tmp_p
 def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
     import random
 
-    from dynamic_llava.tools.synthetic_task import is_correct, make_sample
+    from dynamic_llava.synthetic.task import is_correct, make_sample
 
     sample = make_sample(random.Random(11), 64)
     path = tmp_path / "shape.png"
@@ -34,7 +36,7 @@ def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
     question = "What colour is the object?"
     assert main(["demo", "--image", str(path), "--question", question, "--save", str(tmp_path / "k.png")]) == 0
     answer = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("answer: "))
-    assert is_correct(answer[len("answer: "):], dict(sample, answer=sample["colour"])), answer
+    assert is_correct(answer[len("answer: ") :], dict(sample, answer=sample["colour"])), answer
     assert main(["generate", "--image", str(path), "--prompt", question, "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out.lower().startswith(sample["colour"]), captured.out
@@ -43,21 +45,22 @@ def test_demo_and_generate_take_a_user_image(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     result = subprocess.run(
-        [sys.executable, "-m", "dynamic_llava.tools.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "dynamic_llava.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in result.stdout
 
 
-def test_generate_command_prints_answer_and_summary(tmp_path, capsys, monkeypatch):
+def test_generate_command_prints_answer_and_summary(tmp_path, capsys, monkeypatch, tiny_processor):
     from PIL import Image
-    from test_hub import tiny_processor
 
-    from dynamic_llava.tools.export import export_model
-    from dynamic_llava.tools.tiny import tiny_model
+    from dynamic_llava.hub.export import export_model
 
-    folder = export_model(tiny_model(6), tmp_path / "repo", processor=tiny_processor())
+    from fixtures.tiny import tiny_model
+
+    folder = export_model(tiny_model(6), tmp_path / "repo", processor=tiny_processor)
     image = tmp_path / "in.png"
     Image.effect_noise((30, 50), 40).convert("RGB").save(image)
     args = ["generate", "--model", str(folder), "--image", str(image), "--prompt", "w5 w6", "--max-new-tokens", "5"]

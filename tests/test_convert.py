@@ -1,31 +1,34 @@
-"""Converting original-layout checkpoints, and parity with the original code (../shared/reference)."""
+"""Converting original-layout checkpoints, and parity with the original code (tests/fixtures/original_reference)."""
 
+import hashlib
 import json
+import logging
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from dynamic_llava import DynamicLlavaForConditionalGeneration
+from dynamic_llava.hub.convert import ConversionError, convert_original_checkpoint
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
-from dynamic_llava.tools.convert import ConversionError, convert_original_checkpoint
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from fixtures.original_checkpoints import write_original_checkpoint
+
 STEPS = 24
 
 
-def reference_dir():
-    for candidate in (REFERENCE, Path.cwd().parent / "shared" / "reference"):
-        if (candidate / "outputs.safetensors").exists():
-            return candidate
-    raise FileNotFoundError(f"the parity fixture ../shared/reference is missing (looked at {REFERENCE})")
+def test_reference_fixture_is_the_recorded_one(original_reference):
+    """Every file of the parity fixture has the sha256 its generator recorded in manifest.json."""
+    manifest = json.loads((original_reference / "manifest.json").read_text())
+    assert len(manifest["sha256"]) == 13
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((original_reference / name).read_bytes()).hexdigest() == digest, name
 
 
 @pytest.fixture(scope="module", params=["checkpoint", "checkpoint_no_tower"])
-def converted(request, tmp_path_factory):
-    ref = reference_dir()
+def converted(request, tmp_path_factory, original_reference):
+    ref = original_reference
     work = tmp_path_factory.mktemp("ref")
     # the original resolves mm_vision_tower ("vision_tower") from where it runs: here, beside the checkpoint
     source = work / "source"
@@ -90,7 +93,7 @@ def test_parity_with_original_cached_generation(converted, sample, one_thread):
     step_logits = []
     cache = None
     sequence = ids
-    for step in range(STEPS):
+    for _ in range(STEPS):
         with torch.no_grad():
             if cache is None:
                 out = model(input_ids=sequence, pixel_values=pixels)
@@ -110,8 +113,9 @@ def test_parity_with_original_cached_generation(converted, sample, one_thread):
     # the same through generate(), cached and not cached
     gen = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, do_sample=False)
     assert torch.equal(gen[0, ids.shape[1] :], generated)
-    uncached = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, do_sample=False,
-                              use_cache=False)  # fmt: skip
+    uncached = model.generate(
+        input_ids=ids, pixel_values=pixels, max_new_tokens=STEPS, do_sample=False, use_cache=False
+    )
     assert torch.equal(uncached[0, ids.shape[1] :], generated)
 
 
@@ -142,17 +146,20 @@ def test_parity_with_original_multiround(converted, one_thread):
     close(torch.stack(last_logits), outputs["s0.multiround.step_logits"], "multiround step_logits")
 
 
-# ---- synthetic original-layout checkpoints --------------------------------------------------------------------------
-
-from dynamic_llava.tools.synthetic import write_original_checkpoint  # noqa: E402
+# ---- fake original-layout checkpoints -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shards, tower_copy", [(1, True), (1, False), (3, True), (2, False)])
-def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, capsys):
-    src = write_original_checkpoint(tmp_path / "src", shards=shards, with_tower_copy=tower_copy,
-                                    extra_sparse={"maskclip_new_thing": 3, "future_knob": "x"})  # fmt: skip
-    out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
-    assert "future_knob" in capsys.readouterr().err  # unknown sparse_config keys are reported, not fatal
+def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, caplog):
+    src = write_original_checkpoint(
+        tmp_path / "src",
+        shards=shards,
+        with_tower_copy=tower_copy,
+        extra_sparse={"maskclip_new_thing": 3, "future_knob": "x"},
+    )
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava"):
+        out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
+    assert "future_knob" in caplog.text  # unknown sparse_config keys are reported (a warning), not fatal
     model, info = DynamicLlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True, dtype="auto")
     assert not any(info.values()), info
     assert model.dtype == torch.float16  # the source's dtype
@@ -160,11 +167,14 @@ def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, capsys):
     for file in sorted(src.glob("*.safetensors")):
         original.update(load_file(file))
     state = model.state_dict()
-    assert torch.equal(state["model.language_model.layers.1.mlp.up_proj.weight"],
-                       original["model.layers.1.mlp.up_proj.weight"])  # fmt: skip
+    assert torch.equal(
+        state["model.language_model.layers.1.mlp.up_proj.weight"], original["model.layers.1.mlp.up_proj.weight"]
+    )
     assert torch.equal(state["model.multi_modal_projector.linear_2.bias"], original["model.mm_projector.2.bias"])
-    assert torch.equal(state["output_text_score_predictor.output_mlp.7.weight"],
-                       original["model.output_text_score_predictor.output_mlp.7.weight"])  # fmt: skip
+    assert torch.equal(
+        state["output_text_score_predictor.output_mlp.7.weight"],
+        original["model.output_text_score_predictor.output_mlp.7.weight"],
+    )
     # <image> and <pad> appended like llava-hf, vocabulary padded to a multiple of 64 with the mean row
     config = model.config
     assert (config.image_token_id, config.text_config.vocab_size) == (120, 128)
@@ -179,7 +189,7 @@ def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, capsys):
     got = ours.get(key, ours.get(key.replace("vision_model.", "")))
     assert torch.equal(got, tower["vision_model.encoder.layers.0.mlp.fc1.weight"].half())
     # the processor came along with the tokenizer, and the converted folder generates
-    from dynamic_llava.tools.export import load_processor
+    from dynamic_llava.hub.loading import load_processor
 
     processor = load_processor(out)
     inputs = processor(images=torch.zeros(3, 40, 30, dtype=torch.uint8), text="<image>\nw5 w6", return_tensors="pt")
@@ -188,10 +198,11 @@ def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, capsys):
     assert model.generate(**inputs, max_new_tokens=3).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-def test_convert_without_tokenizer_says_so(tmp_path, capsys):
+def test_convert_without_tokenizer_says_so(tmp_path, caplog):
     src = write_original_checkpoint(tmp_path / "src", tokenizer=False)
-    out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
-    assert "no tokenizer" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava"):
+        out = convert_original_checkpoint(str(src), str(tmp_path / "out"))
+    assert "no tokenizer" in caplog.text
     assert (out / "model.safetensors").exists() and not (out / "tokenizer_config.json").exists()
     assert "no tokenizer" in (out / "README.md").read_text()
 
@@ -249,12 +260,14 @@ def test_pickle_is_refused_unless_allowed_then_read_weights_only(tmp_path, monke
 
 
 def test_convert_cli_and_missing_source(tmp_path, capsys):
-    from dynamic_llava.tools.cli import main
+    from dynamic_llava.cli import main
 
     src = write_original_checkpoint(tmp_path / "src")
     assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "bfloat16", "--max-shard-size", "30KB"]) == 0
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
     assert json.loads((tmp_path / "out" / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    progress = capsys.readouterr().err  # the library's log lines, through the command's handler
+    assert "[convert] verified: loaded and ran one forward" in progress and "[convert] wrote " in progress
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
     assert "neither an existing folder nor a Hub repository id" in err and "Traceback" not in err

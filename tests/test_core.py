@@ -4,12 +4,15 @@ import copy
 
 import pytest
 import torch
-from helpers import cache_of, stock_llava
 from transformers import DynamicCache
 
 from dynamic_llava import DynamicLlavaCache, DynamicLlavaConfig
+from dynamic_llava.bench.stock import stock_llava
+from dynamic_llava.training.calibration import calibrate_output_text_bias
 from dynamic_llava.transformers_compat import CACHE_KEY, image_features_list
-from dynamic_llava.tools.tiny import IMAGE_TOKEN_ID, calibrate_output_text_bias, tiny_config, tiny_inputs, tiny_model
+from dynamic_llava.transformers_compat import cache_from_output as cache_of
+
+from fixtures.tiny import IMAGE_TOKEN_ID, tiny_config, tiny_inputs, tiny_model
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 

@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from dynamic_llava.processor import VICUNA_V1_SYSTEM
 from dynamic_llava.sparse_training import answer_span
-from dynamic_llava.tools.data import IGNORE_INDEX, DataError, LlavaConversationDataset, collate
-from test_hub import tiny_processor
+from dynamic_llava.training.data import IGNORE_INDEX, DataError, LlavaConversationDataset, collate
 
 
 @pytest.fixture
@@ -19,15 +17,22 @@ def folder(tmp_path):
 
 
 def sample(**changes):
-    base = {"id": "s1", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nw5 w6"}, {"from": "gpt", "value": "w7 w8 w9"},
-        {"from": "human", "value": "w10"}, {"from": "gpt", "value": "w11"}]}  # fmt: skip
+    base = {
+        "id": "s1",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nw5 w6"},
+            {"from": "gpt", "value": "w7 w8 w9"},
+            {"from": "human", "value": "w10"},
+            {"from": "gpt", "value": "w11"},
+        ],
+    }
     base.update(changes)
     return base
 
 
-def test_prompt_and_labels(folder):
-    processor = tiny_processor()
+def test_prompt_and_labels(folder, tiny_processor):
+    processor = tiny_processor
     data = LlavaConversationDataset([sample()], folder, processor, image_seq_length=16)
     item = data[0]
     tok = processor.tokenizer
@@ -55,8 +60,8 @@ def test_prompt_and_labels(folder):
     assert start.tolist() == [n - 2, n - 2] and end.tolist() == [n, n]  # the final answer: "w11 </s>"
 
 
-def test_collate_pads_right_and_masks_labels(folder):
-    processor = tiny_processor()
+def test_collate_pads_right_and_masks_labels(folder, tiny_processor):
+    processor = tiny_processor
     short = sample(conversations=sample()["conversations"][:2])
     data = LlavaConversationDataset([sample(), short], folder, processor, image_seq_length=16)
     batch = collate([data[0], data[1]], pad_token_id=0)
@@ -71,24 +76,28 @@ def test_collate_pads_right_and_masks_labels(folder):
     "bad, message",
     [
         (sample(image="missing.png"), "sample 0 \\(id 's1'\\): image file 'missing.png' not found"),
-        (sample(conversations=[{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w6"}]),
-         "sample 0 \\(id 's1'\\) has an image but 0 '<image>'"),  # fmt: skip
+        (
+            sample(conversations=[{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w6"}]),
+            "sample 0 \\(id 's1'\\) has an image but 0 '<image>'",
+        ),
         (sample(conversations=[]), "sample 0 \\(id 's1'\\) has no conversations"),
-        ({"id": 7, "conversations": [{"from": "human", "value": "<image>\nw5"}, {"from": "gpt", "value": "w6"}]},
-         "sample 0 \\(id 7\\) has '<image>' in its text but no 'image' file"),  # fmt: skip
+        (
+            {"id": 7, "conversations": [{"from": "human", "value": "<image>\nw5"}, {"from": "gpt", "value": "w6"}]},
+            "sample 0 \\(id 7\\) has '<image>' in its text but no 'image' file",
+        ),
         (sample(conversations=[{"from": "gpt", "value": "w5"}]), "turn 0 must be"),
     ],
 )
-def test_bad_samples_name_the_sample(folder, bad, message):
+def test_bad_samples_name_the_sample(folder, bad, message, tiny_processor):
     with pytest.raises(DataError, match=message):
-        LlavaConversationDataset([bad], folder, tiny_processor(), image_seq_length=16)
+        LlavaConversationDataset([bad], folder, tiny_processor, image_seq_length=16)
 
 
-def test_bad_files(folder):
+def test_bad_files(folder, tiny_processor):
     with pytest.raises(DataError, match="does not exist"):
-        LlavaConversationDataset(folder / "nope.json", folder, tiny_processor(), image_seq_length=16)
+        LlavaConversationDataset(folder / "nope.json", folder, tiny_processor, image_seq_length=16)
     (folder / "broken.json").write_text("[{")
     with pytest.raises(DataError, match="not valid JSON"):
-        LlavaConversationDataset(folder / "broken.json", folder, tiny_processor(), image_seq_length=16)
+        LlavaConversationDataset(folder / "broken.json", folder, tiny_processor, image_seq_length=16)
     (folder / "ok.json").write_text(json.dumps([sample()]))
-    assert len(LlavaConversationDataset(folder / "ok.json", folder, tiny_processor(), image_seq_length=16)) == 1
+    assert len(LlavaConversationDataset(folder / "ok.json", folder, tiny_processor, image_seq_length=16)) == 1

@@ -11,25 +11,16 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from dynamic_llava.processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
-from dynamic_llava.tools.export import export_model
-from dynamic_llava.tools.hub_folder import OutputExistsError
-from dynamic_llava.tools.tiny import tiny_model, tiny_tokenizer
+from dynamic_llava.files import OutputExistsError
+from dynamic_llava.hub.export import export_model
 
-SCRIPT = Path(__file__).with_name("hub_load_script.py")
-
-
-def tiny_processor():
-    tokenizer = tiny_tokenizer(127)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)  # id 127 = the tiny model's image token
-    tokenizer.pad_token = "<unk>"
-    tokenizer.padding_side = "left"
-    image_processor = DynamicLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8)
+from fixtures.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    from fixtures.tiny import tiny_processor
+
     work = tmp_path_factory.mktemp("hub")
     model, processor = tiny_model(4), tiny_processor()
     folder = export_model(model, work / "repo", processor=processor)
@@ -44,10 +35,20 @@ def exported(tmp_path_factory):
 def test_exported_folder_is_what_a_hub_repo_holds(exported):
     _, _, folder, _ = exported
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_dynamic_llava.py", "configuration_dynamic_llava.py",
-            "sparse_cache.py", "processing_dynamic_llava.py", "image_processing_dynamic_llava.py",
-            "preprocessor_config.json", "tokenizer_config.json", "generation_config.json", "README.md",
-            "example.ipynb"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_dynamic_llava.py",
+        "configuration_dynamic_llava.py",
+        "sparse_cache.py",
+        "processing_dynamic_llava.py",
+        "image_processing_dynamic_llava.py",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "example.ipynb",
+    } <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
@@ -56,15 +57,20 @@ def test_exported_folder_is_what_a_hub_repo_holds(exported):
     assert "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card
 
 
-def test_fresh_process_without_the_project_matches_in_process(exported):
+@pytest.mark.slow
+def test_fresh_process_without_the_project_matches_in_process(exported, hub_load_script):
     model, processor, folder, images = exported
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(folder.parent / "modules"))
     repo_root = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(folder), ",".join(images), repo_root.name],
-        capture_output=True, text=True, env=env, cwd=str(folder.parent), timeout=600,
-    )  # fmt: skip
+        [sys.executable, str(hub_load_script), str(folder), ",".join(images), repo_root.name],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(folder.parent),
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.split("RESULT ", 1)[1])
     assert all(module.startswith("transformers_modules") for module in result["classes"]), result["classes"]
@@ -80,8 +86,10 @@ def test_fresh_process_without_the_project_matches_in_process(exported):
     assert len(result["kept_vision"]) == 4
 
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
-    messages = [[{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "w5 w6 w7"}]}]
-                for im in pil]  # fmt: skip
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "w5 w6 w7"}]}]
+        for im in pil
+    ]
     one = pipe(text=messages[0], max_new_tokens=8, return_full_text=False)[0]["generated_text"]
     assert result["pipeline_one"] == one and one.strip()
     both = [pipe(text=m, max_new_tokens=8, return_full_text=False)[0]["generated_text"] for m in messages]
@@ -105,7 +113,7 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_behind(exported, t
 
 def test_export_failure_leaves_no_partial_folder(exported, tmp_path, monkeypatch):
     model, processor, _, _ = exported
-    import dynamic_llava.tools.export as export_module
+    import dynamic_llava.hub.export as export_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -3,12 +3,15 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-from dynamic_llava.tools.convert import convert_original_checkpoint
-from dynamic_llava.tools.synthetic import write_original_checkpoint
+from dynamic_llava.hub.convert import convert_original_checkpoint
+
+from fixtures.original_checkpoints import write_original_checkpoint
 
 
+@pytest.mark.slow
 def test_generated_notebook_executes_and_plots(tmp_path, monkeypatch):
     src = write_original_checkpoint(tmp_path / "src")
     out = convert_original_checkpoint(str(src), str(tmp_path / "model"), dtype="float32")

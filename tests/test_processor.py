@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from dynamic_llava.processor.image_processing_dynamic_llava import DynamicLlavaImageProcessor
 from dynamic_llava.processor.processing_dynamic_llava import DEFAULT_CHAT_TEMPLATE, DynamicLlavaProcessor
 
-REFERENCE = Path("/work/shared/reference")
+from fixtures.processor_inputs import IMAGE_TOKEN_ID, ONE_TURN, TWO_TURNS, make_tokenizer, noise_image
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,7 +27,6 @@ SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-IMAGE_TOKEN_ID = 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,42 +83,24 @@ def chat_messages(turns, shape="image"):
     messages = []
     for i, (question, answer) in enumerate(turns):
         if i == 0:
-            image_item = {"image": {"type": "image", "image": Image.new("RGB", (4, 4))}, "url": {"type": "image", "url": "unused.png"}}[shape]
+            image_item = {
+                "image": {"type": "image", "image": Image.new("RGB", (4, 4))},
+                "url": {"type": "image", "url": "unused.png"},
+            }[shape]
             content = [image_item, {"type": "text", "text": question}]
         else:
             content = question if shape == "url" else [{"type": "text", "text": question}]
         messages.append({"role": "user", "content": content})
         if answer is not None:
-            messages.append({"role": "assistant", "content": answer if shape == "url" else [{"type": "text", "text": answer}]})
+            messages.append(
+                {"role": "assistant", "content": answer if shape == "url" else [{"type": "text", "text": answer}]}
+            )
     return messages
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------------
-
-WORDS = "What is this? A cat. And its colour? Describe it . USER: ASSISTANT: hello".split()
-
-
-def make_tokenizer(model_input_names=None):
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": IMAGE_TOKEN_ID}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    kwargs = {} if model_input_names is None else {"model_input_names": model_input_names}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +120,6 @@ def default_image_processor():
     return DynamicLlavaImageProcessor()
 
 
-def noise_image(width, height, mode="RGB", seed=0):
-    rng = np.random.default_rng(seed + 7 * width + 13 * height)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode if mode != "P" else "RGB"]
-    array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    if channels == 1:
-        return Image.fromarray(array[:, :, 0], mode="L")
-    image = Image.fromarray(array, mode="RGBA" if channels == 4 else "RGB")
-    if mode == "P":
-        image = image.quantize(colors=64)
-    return image
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Image processor
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,11 +127,11 @@ def noise_image(width, height, mode="RGB", seed=0):
 
 @pytest.mark.parametrize("sample,filename", [(0, "shapes_500x300_rgb.png"), (1, "grey_96x160_l.png")])
 @pytest.mark.parametrize("source", ["reference_config", "defaults", "path"])
-def test_reference_pixel_parity(sample, filename, source):
-    expected = load_file(str(REFERENCE / "inputs.safetensors"))[f"s{sample}.pixel_values"]
-    image_path = REFERENCE / "images" / filename
+def test_reference_pixel_parity(sample, filename, source, original_reference):
+    expected = load_file(str(original_reference / "inputs.safetensors"))[f"s{sample}.pixel_values"]
+    image_path = original_reference / "images" / filename
     if source == "reference_config":
-        processor = DynamicLlavaImageProcessor.from_pretrained(str(REFERENCE / "vision_tower"))
+        processor = DynamicLlavaImageProcessor.from_pretrained(str(original_reference / "vision_tower"))
         out = processor(Image.open(image_path), return_tensors="pt")["pixel_values"]
     elif source == "defaults":
         out = DynamicLlavaImageProcessor()(Image.open(image_path), return_tensors="pt")["pixel_values"]
@@ -215,7 +184,10 @@ def test_alpha_is_dropped_not_composited(default_image_processor):
 def test_pad_colour_comes_from_image_mean():
     mean = (0.5, 0.25, 0.75)
     processor = DynamicLlavaImageProcessor(
-        image_mean=list(mean), image_std=[1.0, 1.0, 1.0], size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        image_mean=list(mean),
+        image_std=[1.0, 1.0, 1.0],
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
     )
     black_wide = Image.new("RGB", (64, 16), (0, 0, 0))
     out = processor(black_wide, return_tensors="pt")["pixel_values"][0]
@@ -223,11 +195,16 @@ def test_pad_colour_comes_from_image_mean():
     for c, m in enumerate(mean):
         assert abs(out[c, 0, 16].item() - (int(255 * m) / 255 - m)) < 1e-5
     assert processor.to_dict()["do_pad_to_square"] is True
-    assert (processor(black_wide, return_tensors="pt")["pixel_values"] - recipe_pixel_values(black_wide, 32, 32, mean, (1, 1, 1))).abs().max() <= 1e-5
+    assert (
+        processor(black_wide, return_tensors="pt")["pixel_values"]
+        - recipe_pixel_values(black_wide, 32, 32, mean, (1, 1, 1))
+    ).abs().max() <= 1e-5
 
 
 def test_no_pad_option_is_plain_clip():
-    processor = DynamicLlavaImageProcessor(do_pad_to_square=False, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = DynamicLlavaImageProcessor(
+        do_pad_to_square=False, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     image = noise_image(70, 40)
     out = processor(image, return_tensors="pt")["pixel_values"]
     assert (out - recipe_pixel_values(image, 32, 32, pad=False)).abs().max().item() <= 1e-5
@@ -236,7 +213,9 @@ def test_no_pad_option_is_plain_clip():
     assert (padded - recipe_pixel_values(image, 32, 32)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("layout", ["numpy_hwc", "numpy_chw", "numpy_grey_2d", "numpy_float01", "torch_chw", "list", "nested"])
+@pytest.mark.parametrize(
+    "layout", ["numpy_hwc", "numpy_chw", "numpy_grey_2d", "numpy_float01", "torch_chw", "list", "nested"]
+)
 def test_array_and_batch_inputs(layout):
     processor = DynamicLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     image = noise_image(45, 20)
@@ -265,22 +244,23 @@ def test_array_and_batch_inputs(layout):
 
 
 def test_image_processor_save_load_round_trip(tmp_path):
-    processor = DynamicLlavaImageProcessor(do_pad_to_square=False, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = DynamicLlavaImageProcessor(
+        do_pad_to_square=False, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     processor.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert config["do_pad_to_square"] is False and config["image_processor_type"] == "DynamicLlavaImageProcessor"
     loaded = DynamicLlavaImageProcessor.from_pretrained(str(tmp_path))
     assert loaded.do_pad_to_square is False
     image = noise_image(30, 50)
-    assert torch.equal(loaded(image, return_tensors="pt")["pixel_values"], processor(image, return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        loaded(image, return_tensors="pt")["pixel_values"], processor(image, return_tensors="pt")["pixel_values"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Chat template
 # ----------------------------------------------------------------------------------------------------------------
-
-ONE_TURN = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is this? ASSISTANT:"
-TWO_TURNS = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: And its colour? ASSISTANT:"
 
 
 @pytest.mark.parametrize("shape", ["image", "url"])
@@ -300,8 +280,8 @@ def test_chat_template_is_vicuna_v1(tiny_processor, turns, expected, shape):
         assert prompt == expected
 
 
-def test_chat_template_matches_reference_manifest(tiny_processor):
-    manifest = json.loads((REFERENCE / "manifest.json").read_text())
+def test_chat_template_matches_reference_manifest(tiny_processor, original_reference):
+    manifest = json.loads((original_reference / "manifest.json").read_text())
     for sample in manifest["samples"]:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}]
         assert tiny_processor.apply_chat_template(messages, add_generation_prompt=True) == sample["prompt"]
@@ -312,7 +292,10 @@ def test_chat_template_details(tiny_processor):
     assert tiny_processor.apply_chat_template(messages) == SYSTEM + " USER: hello "
     # a leading system message replaces the default system prompt
     with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-    assert tiny_processor.apply_chat_template(with_system, add_generation_prompt=True) == "Be brief. USER: hello ASSISTANT:"
+    assert (
+        tiny_processor.apply_chat_template(with_system, add_generation_prompt=True)
+        == "Be brief. USER: hello ASSISTANT:"
+    )
     # a closed assistant turn ends with </s>; continue_final_message leaves it open
     closed = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "A cat."}]
     assert tiny_processor.apply_chat_template(closed).endswith("ASSISTANT: A cat.</s>")
@@ -433,6 +416,7 @@ def test_processor_attributes_survive_save(tiny_processor, tmp_path):
     assert template == DEFAULT_CHAT_TEMPLATE
 
 
+@pytest.mark.slow
 def test_remote_code_export_round_trip(tmp_path):
     """Flat remote-code folder: register_for_auto_class + save_pretrained, then AutoProcessor with
     trust_remote_code in a fresh process (its own HF_HOME, offline)."""
@@ -440,14 +424,15 @@ def test_remote_code_export_round_trip(tmp_path):
         f"""
         import sys, json
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_processor import make_tokenizer, noise_image, TWO_TURNS
+        from fixtures.processor_inputs import make_tokenizer, noise_image, TWO_TURNS
         from dynamic_llava.processor.image_processing_dynamic_llava import DynamicLlavaImageProcessor
         from dynamic_llava.processor.processing_dynamic_llava import DynamicLlavaProcessor
         from transformers import AutoProcessor
         DynamicLlavaImageProcessor.register_for_auto_class("AutoImageProcessor")
         DynamicLlavaProcessor.register_for_auto_class("AutoProcessor")
         ip = DynamicLlavaImageProcessor(size={{"shortest_edge": 32}}, crop_size={{"height": 32, "width": 32}})
-        proc = DynamicLlavaProcessor(image_processor=ip, tokenizer=make_tokenizer(["input_ids", "attention_mask"]), patch_size=8)
+        tok = make_tokenizer(["input_ids", "attention_mask"])
+        proc = DynamicLlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8)
         folder = {str(tmp_path / "export")!r}
         proc.save_pretrained(folder)
         loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -460,7 +445,8 @@ def test_remote_code_export_round_trip(tmp_path):
         assert sorted(a.keys()) == sorted(b.keys()) == ["attention_mask", "input_ids", "pixel_values"], b.keys()
         assert all((a[k] == b[k]).all() for k in a), "outputs differ"
         msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is this?"}}]}}]
-        assert loaded.apply_chat_template(msgs, add_generation_prompt=True) == proc.apply_chat_template(msgs, add_generation_prompt=True)
+        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        assert loaded.apply_chat_template(msgs, add_generation_prompt=True) == prompt
         print("OK")
         """
     )

@@ -5,10 +5,11 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import cache_of
 from dynamic_llava import DynamicLlavaForConditionalGeneration
-from dynamic_llava.tools.stock import stock_llava
-from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
+from dynamic_llava.bench.stock import stock_llava
+from dynamic_llava.sparse_cache import cache_from_output as cache_of
+
+from fixtures.tiny import tiny_inputs, tiny_model
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True)
 
@@ -16,12 +17,15 @@ GREEDY = dict(do_sample=False, return_dict_in_generate=True)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny model and the stock LLaVA with the same weights, saved; with a calibrated output-text predictor."""
-    from dynamic_llava.tools.tiny import calibrate_output_text_bias
+    from dynamic_llava.training.calibration import calibrate_output_text_bias
 
     folder = tmp_path_factory.mktemp("quant")
     # dimensions that bitsandbytes' 4-bit CPU kernels accept (multiples of 64)
-    model = tiny_model(3, text_config=dict(hidden_size=64, intermediate_size=128, num_key_value_heads=4),
-                       vision_config=dict(hidden_size=64, intermediate_size=128, projection_dim=64))
+    model = tiny_model(
+        3,
+        text_config=dict(hidden_size=64, intermediate_size=128, num_key_value_heads=4),
+        vision_config=dict(hidden_size=64, intermediate_size=128, projection_dim=64),
+    )
     with torch.no_grad():  # a wide image predictor: its scores spread like a trained one's (see large_margin_inputs)
         model.image_score_predictor.output_mlp[-1].weight.mul_(20)
     calibrate_output_text_bias(model, tiny_inputs([(5, 6, 7, 8, 9)]), max_new_tokens=20)
@@ -50,7 +54,8 @@ def vision_gap(model, inputs):
 
 def agreement(a, b):
     """Share of rows whose kept vision indices agree, and share of equal output-text decisions."""
-    vision = sum(torch.equal(x, y) for x, y in zip(a.kept_vision_indices, b.kept_vision_indices)) / len(a.kept_vision_indices)
+    pairs = zip(a.kept_vision_indices, b.kept_vision_indices, strict=True)
+    vision = sum(torch.equal(x, y) for x, y in pairs) / len(a.kept_vision_indices)
     ta, tb = torch.cat(a.output_text_keep), torch.cat(b.output_text_keep)
     n = min(ta.numel(), tb.numel())
     return vision, float((ta[:n] == tb[:n]).float().mean())
@@ -76,6 +81,7 @@ def large_margin_inputs(model):
 
 def compare_decisions(reference, other, label, seeds=range(6)):
     """Agreement of `other` with `reference` over random inputs (printed), and exact on a large-margin case."""
+
     def run(model, inputs):
         inputs = dict(inputs, pixel_values=inputs["pixel_values"].to(next(model.model.vision_tower.parameters()).dtype))
         return cache_of(model.generate(**inputs, max_new_tokens=8, **GREEDY))
@@ -89,14 +95,17 @@ def compare_decisions(reference, other, label, seeds=range(6)):
     gap, inputs = large_margin_inputs(reference)
     assert gap > 0.5, f"the constructed case has a top-k gap of only {gap:.3f}"
     assert torch.equal(run(reference, inputs).kept_vision_indices[0], run(other, inputs).kept_vision_indices[0])
-    print(f"\n[{label}] agreement over {len(vision_agree)} random inputs: kept vision indices "
-          f"{sum(vision_agree) / len(vision_agree):.2f}, output-text decisions {sum(text_agree) / len(text_agree):.2f}; "
-          f"constructed case (top-k gap {gap:.2f}): kept vision indices equal")  # fmt: skip
+    print(
+        f"\n[{label}] agreement over {len(vision_agree)} random inputs: kept vision indices "
+        f"{sum(vision_agree) / len(vision_agree):.2f}, output-text decisions {sum(text_agree) / len(text_agree):.2f}; "
+        f"constructed case (top-k gap {gap:.2f}): kept vision indices equal"
+    )
 
 
 bnb = importlib.util.find_spec("bitsandbytes") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not bnb, reason="bitsandbytes is not installed (pip install dynamic-llava[quant])")
 @pytest.mark.parametrize("mode", ["8bit", "nf4", "fp4"])
 def test_bitsandbytes(saved, mode):
@@ -105,16 +114,25 @@ def test_bitsandbytes(saved, mode):
     model, folder = saved
     # the usual VLM setting: the vision tower and projector stay unquantized (root paths: both majors match them)
     skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip) if mode == "8bit" else BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
-    )  # fmt: skip
-    ours = DynamicLlavaForConditionalGeneration.from_pretrained(folder / "ours", quantization_config=quant,
-                                                                dtype=torch.float32)  # fmt: skip
+    quant = (
+        BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        if mode == "8bit"
+        else BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=mode,
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=skip,
+        )
+    )
+    ours = DynamicLlavaForConditionalGeneration.from_pretrained(
+        folder / "ours", quantization_config=quant, dtype=torch.float32
+    )
     assert ours.image_score_predictor.down_mlp[1].weight.dtype == torch.float32  # kept out of quantization
     assert type(ours.model.language_model.layers[0].mlp.up_proj).__module__.startswith("bitsandbytes")
     assert not type(ours.model.multi_modal_projector.linear_1).__module__.startswith("bitsandbytes")
-    stock = LlavaForConditionalGeneration.from_pretrained(folder / "stock", quantization_config=quant,
-                                                          dtype=torch.float32)  # fmt: skip
+    stock = LlavaForConditionalGeneration.from_pretrained(
+        folder / "stock", quantization_config=quant, dtype=torch.float32
+    )
     inputs = tiny_inputs([(5, 6, 7, 8, 9), (10, 11)], seed=2)
     # sparsification off == stock under the same quantization, token for token
     ours.config.use_vision_predictor = ours.config.use_output_text_predictor = False
@@ -135,15 +153,23 @@ def test_half_precision_decisions(saved, dtype):
 
 
 def offload_maps(sparse_layer):
-    names = ["model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
-             "model.language_model.norm", "model.language_model.rotary_emb", "lm_head", "image_score_predictor",
-             "output_text_score_predictor"]  # fmt: skip
+    names = [
+        "model.vision_tower",
+        "model.multi_modal_projector",
+        "model.language_model.embed_tokens",
+        "model.language_model.norm",
+        "model.language_model.rotary_emb",
+        "lm_head",
+        "image_score_predictor",
+        "output_text_score_predictor",
+    ]
     split = {name: "cpu" for name in names}
     for i in range(4):
         split[f"model.language_model.layers.{i}"] = "disk" if i in (0, sparse_layer) else "cpu"
     return [split, "auto"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["manual", "auto"])
 def test_device_map_and_disk_offload(saved, tmp_path, which):
     model, folder = saved
@@ -157,16 +183,17 @@ def test_device_map_and_disk_offload(saved, tmp_path, which):
     device_map = mapped.hf_device_map
     assert "disk" in set(device_map.values()), device_map
     if which == "manual":  # layers sparse_layer-1 and sparse_layer sit on different entries
-        l = model.config.sparse_layer
-        assert device_map[f"model.language_model.layers.{l - 1}"] != device_map[f"model.language_model.layers.{l}"]
+        sparse_layer = model.config.sparse_layer
+        layers = "model.language_model.layers"
+        assert device_map[f"{layers}.{sparse_layer - 1}"] != device_map[f"{layers}.{sparse_layer}"]
     inputs = tiny_inputs([(5, 6, 7, 8, 9), (10, 11)], seed=4)
     a = model.generate(**inputs, max_new_tokens=10, **GREEDY)
     b = mapped.generate(**inputs, max_new_tokens=10, **GREEDY)
     assert torch.equal(a.sequences, b.sequences)
     ca, cb = cache_of(a), cache_of(b)
     assert torch.equal(ca.kept_lengths(), cb.kept_lengths())
-    assert all(torch.equal(x, y) for x, y in zip(ca.output_text_keep, cb.output_text_keep))
-    assert all(torch.equal(x, y) for x, y in zip(ca.kept_vision_indices, cb.kept_vision_indices))
+    assert all(torch.equal(x, y) for x, y in zip(ca.output_text_keep, cb.output_text_keep, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(ca.kept_vision_indices, cb.kept_vision_indices, strict=True))
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])

@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from dynamic_llava.tools.export import export_model
-from dynamic_llava.tools.tiny import tiny_model
+from dynamic_llava.hub.export import export_model
 
-from test_hub import tiny_processor
+from fixtures.tiny import tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,8 +23,9 @@ def quickstart_code() -> str:
     return block.group(1)
 
 
-def test_readme_quickstart_runs_as_written(tmp_path):
-    folder = export_model(tiny_model(5), tmp_path / "repo", processor=tiny_processor())
+@pytest.mark.slow
+def test_readme_quickstart_runs_as_written(tmp_path, tiny_processor):
+    folder = export_model(tiny_model(5), tmp_path / "repo", processor=tiny_processor)
     image = tmp_path / "photo.png"
     Image.effect_noise((48, 30), 50).convert("RGB").save(image)
     code = quickstart_code()
@@ -36,8 +37,9 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     script.write_text("import sys\nsys.modules['dynamic_llava'] = None\n" + code)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     env.pop("PYTHONPATH", None)
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "'vision_tokens_kept': [[4]]" in run.stdout
     assert "generated_text" in run.stdout

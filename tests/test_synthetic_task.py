@@ -1,14 +1,12 @@
-"""The synthetic VQA task of `dynamic_llava.tools.synthetic_task` (fast, CPU only, no downloads)."""
+"""The synthetic VQA task of `dynamic_llava.synthetic.task` (fast, CPU only, no downloads)."""
 
-import json
 import random
 from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from dynamic_llava.tools.synthetic_task import (
+from dynamic_llava.synthetic.task import (
     COLOURS,
     MIN_ANSWER_WORDS,
     POSITIONS,
@@ -24,7 +22,6 @@ from dynamic_llava.tools.synthetic_task import (
     tokenize_words,
     vicuna_prompt,
     vocabulary,
-    write_llava_json,
 )
 
 SEEDS = list(range(40))
@@ -44,8 +41,17 @@ def tokenizer():
 def test_constants():
     assert len(SHAPES) >= 4 and len(set(SHAPES)) == len(SHAPES)
     assert len(COLOURS) >= 8 and len(set(COLOURS.values())) == len(COLOURS)
-    assert POSITIONS == ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom",
-                         "bottom right")  # fmt: skip
+    assert POSITIONS == (
+        "top left",
+        "top",
+        "top right",
+        "left",
+        "centre",
+        "right",
+        "bottom left",
+        "bottom",
+        "bottom right",
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 12345])
@@ -68,8 +74,12 @@ def test_answer_text(samples):
         assert len(words) >= MIN_ANSWER_WORDS
         n = len(sample["answer"].split())
         assert " ".join(words[:n]).rstrip(".") == sample["answer"]
-        assert sample["answer"] == {"colour": sample["colour"], "kind": sample["shape"],
-                                    "position": sample["position"]}[sample["question_type"]]  # fmt: skip
+        assert (
+            sample["answer"]
+            == {"colour": sample["colour"], "kind": sample["shape"], "position": sample["position"]}[
+                sample["question_type"]
+            ]
+        )
         assert sample["question"].endswith("?")
 
 
@@ -115,7 +125,8 @@ def test_background_image_is_the_image_without_the_object(seed):
     # the same draws either way: the same sample, plus the object-free image
     assert np.array_equal(np.asarray(plain["image"]), np.asarray(sample["image"]))
     assert {k: v for k, v in plain.items() if k != "image"} == {
-        k: v for k, v in sample.items() if k not in ("image", "background_image")}
+        k: v for k, v in sample.items() if k not in ("image", "background_image")
+    }
     image, background = np.asarray(sample["image"]), np.asarray(sample["background_image"])
     x0, y0, x1, y1 = sample["object_box"]
     inside = np.zeros(image.shape[:2], bool)
@@ -146,9 +157,15 @@ def test_object_patches_cover_box(seed, patch_size):
 
 @pytest.mark.parametrize(
     "box, patch_size, expected",
-    [((0, 0, 1, 1), 8, [0]), ((7, 7, 9, 9), 8, [0, 1, 8, 9]), ((8, 8, 16, 16), 8, [9]), ((0, 0, 64, 64), 16,
-     list(range(16))), ((60, 50, 64, 64), 16, [15]), ((16, 0, 33, 16), 16, [1, 2])],
-)  # fmt: skip
+    [
+        ((0, 0, 1, 1), 8, [0]),
+        ((7, 7, 9, 9), 8, [0, 1, 8, 9]),
+        ((8, 8, 16, 16), 8, [9]),
+        ((0, 0, 64, 64), 16, list(range(16))),
+        ((60, 50, 64, 64), 16, [15]),
+        ((16, 0, 33, 16), 16, [1, 2]),
+    ],
+)
 def test_object_patches_examples(box, patch_size, expected):
     assert object_patches(box, 64, patch_size) == expected
 
@@ -164,9 +181,13 @@ def test_object_patches_errors():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("user's questions.", ["user", "'", "s", "questions", "."]), ("USER: <image>\nWhat?", ["USER", ":", "<image>",
-     "What", "?"]), ("a,b  c", ["a", ",", "b", "c"]), ("", [])],
-)  # fmt: skip
+    [
+        ("user's questions.", ["user", "'", "s", "questions", "."]),
+        ("USER: <image>\nWhat?", ["USER", ":", "<image>", "What", "?"]),
+        ("a,b  c", ["a", ",", "b", "c"]),
+        ("", []),
+    ],
+)
 def test_tokenize_words(text, expected):
     assert tokenize_words(text) == expected
 
@@ -219,34 +240,17 @@ def test_tokenizer_round_trip(tokenizer, samples, tmp_path):
     for loaded in (AutoTokenizer.from_pretrained(tmp_path), PreTrainedTokenizerFast.from_pretrained(tmp_path)):
         assert loaded.get_vocab() == tokenizer.get_vocab()
         assert (loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (
-            0, 1, 2, tokenizer.pad_token_id)  # fmt: skip
+            0,
+            1,
+            2,
+            tokenizer.pad_token_id,
+        )
         assert loaded.model_input_names == ["input_ids", "attention_mask"]
         assert loaded.padding_side == "left"
         assert loaded(texts)["input_ids"] == tokenizer(texts)["input_ids"]
         batch = loaded(texts[:3], padding=True)
         assert batch["input_ids"][0][0] in (1, tokenizer.pad_token_id)
         assert loaded.decode(loaded(texts[0])["input_ids"]) == tokenizer.decode(tokenizer(texts[0])["input_ids"])
-
-
-def test_write_llava_json(tmp_path):
-    path = write_llava_json(tmp_path / "data", n=12, seed=5)
-    assert path == tmp_path / "data" / "data.json"
-    records = json.loads(path.read_text())
-    assert len(records) == 12 and len({r["id"] for r in records}) == 12
-    rng = random.Random(5)
-    for record in records:
-        sample = make_sample(rng)
-        human, gpt = record["conversations"]
-        assert human == {"from": "human", "value": "<image>\n" + sample["question"]}
-        assert gpt == {"from": "gpt", "value": sample["answer_text"]}
-        image_path = tmp_path / "data" / "images" / record["image"]
-        assert image_path.is_file()
-        with Image.open(image_path) as image:
-            assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(sample["image"]))
-    leftovers = [p for p in (tmp_path / "data").rglob("*") if p.name.endswith(".tmp")]
-    assert not leftovers
-    # rewriting is deterministic and replaces the file
-    assert write_llava_json(tmp_path / "data", n=12, seed=5).read_text() == path.read_text()
 
 
 @pytest.mark.parametrize(

@@ -5,25 +5,50 @@ import json
 import pytest
 import torch
 
-from dynamic_llava.tools.cli import main
-from dynamic_llava.tools.tiny import calibrate_output_text_bias, tiny_inputs, tiny_model
+from dynamic_llava.cli import main
+from dynamic_llava.training.calibration import calibrate_output_text_bias
+
+from fixtures.tiny import tiny_inputs, tiny_model
 
 
+@pytest.mark.slow
 def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
     from safetensors.torch import load_file
 
     out, again = tmp_path / "model", tmp_path / "again"
     for folder in (out, again):  # seeded: a second run gives the same weights
-        assert main(["train-synthetic", "--out", str(folder), "--vision-steps", "2", "--dense-steps", "3",
-                     "--sparse-steps", "2", "--batch-size", "4", "--calibration-samples", "4"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train-synthetic",
+                    "--out",
+                    str(folder),
+                    "--vision-steps",
+                    "2",
+                    "--dense-steps",
+                    "3",
+                    "--sparse-steps",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--calibration-samples",
+                    "4",
+                ]
+            )
+            == 0
+        )
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err  # progress: the library's logger, to stderr under the command
     for phase in ("[vision ", "[dense ", "[sparse ", "[calibrate] output-text keep rate"):
         assert phase in log
     first, second = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert main(["evaluate", "--task", "synthetic", "--n", "6", "--seed", "7", "--model", str(out),
-                 "--max-new-tokens", "8"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["evaluate", "--task", "synthetic", "--n", "6", "--seed", "7", "--model", str(out), "--max-new-tokens", "8"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 6 and 0 <= result["accuracy"] <= 1 and result["correct"] == round(result["accuracy"] * 6)
     assert abs(result["vision_keep_rate"] - int(64 * 0.2) / 64) < 1e-9  # 12 of 64 patches per image
@@ -35,6 +60,7 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_embedded_model_answers_fresh_questions(capsys):
     """The shipped model (the default of evaluate), on 24 questions of a seed it was never evaluated on."""
     assert main(["evaluate", "--n", "24", "--seed", "2024"]) == 0
@@ -60,8 +86,8 @@ def test_output_text_calibration_meets_the_rate(keep_rate):
 def test_synthetic_data_writes_llava_conversations_that_train_reads(tmp_path, capsys):
     from PIL import Image
 
-    from dynamic_llava.tools.data import LlavaConversationDataset
-    from dynamic_llava.tools.synthetic_train import synthetic_processor
+    from dynamic_llava.synthetic.train import synthetic_processor
+    from dynamic_llava.training.data import LlavaConversationDataset
 
     out = tmp_path / "data"
     assert main(["synthetic-data", "--out", str(out), "--n", "3", "--seed", "4"]) == 0

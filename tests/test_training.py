@@ -7,16 +7,23 @@ import torch
 from PIL import Image
 from transformers import TrainingArguments
 
-from dynamic_llava.sparse_training import TRAINING_ATTENTION, predictor_parameter_groups, straight_through_keep, temperature
-from dynamic_llava.tools.train import GumbelTemperatureCallback
-from dynamic_llava.tools.data import LlavaConversationDataset, collate
-from dynamic_llava.tools.tiny import tiny_inputs, tiny_model
-from test_hub import tiny_processor
+from dynamic_llava.sparse_training import (
+    TRAINING_ATTENTION,
+    predictor_parameter_groups,
+    straight_through_keep,
+    temperature,
+)
+from dynamic_llava.training.data import LlavaConversationDataset, collate
+from dynamic_llava.training.trainer import GumbelTemperatureCallback
+
+from fixtures.tiny import tiny_inputs, tiny_model, tiny_processor
 
 
 def training_batch(answer_words=40):
     """Two rows: an image prompt then a long answer (labels on the answer only)."""
-    inputs = tiny_inputs([(5, 6, 7) + tuple(range(20, 20 + answer_words)), (8, 9) + tuple(range(30, 30 + answer_words))])
+    inputs = tiny_inputs(
+        [(5, 6, 7) + tuple(range(20, 20 + answer_words)), (8, 9) + tuple(range(30, 30 + answer_words))]
+    )
     labels = inputs["input_ids"].clone()
     labels[:, : inputs["input_ids"].shape[1] - answer_words] = -100
     labels[inputs["attention_mask"] == 0] = -100
@@ -62,14 +69,17 @@ def test_at_tau_to_zero_training_masks_equal_inference_decisions():
     row = {k: v[:1] for k, v in inputs.items()}
     start = int((labels[0] == -100).nonzero().max()) + 1
     with torch.no_grad():
-        inference = model(input_ids=row["input_ids"], pixel_values=row["pixel_values"], use_cache=False,
-                          output_text_start=start)  # fmt: skip
+        inference = model(
+            input_ids=row["input_ids"], pixel_values=row["pixel_values"], use_cache=False, output_text_start=start
+        )
     captured = {}
 
     def grab(module, args, kwargs):
         captured.setdefault("keep", kwargs["dynamic_llava_keep"])
 
-    hook = model.model.language_model.layers[model.config.sparse_layer].register_forward_pre_hook(grab, with_kwargs=True)
+    hook = model.model.language_model.layers[model.config.sparse_layer].register_forward_pre_hook(
+        grab, with_kwargs=True
+    )
     model.train()
     model.gumbel_tau, model.gumbel_noise = 1e-4, False
     with torch.no_grad():
@@ -79,8 +89,9 @@ def test_at_tau_to_zero_training_masks_equal_inference_decisions():
     assert torch.equal(keep[start:].bool(), inference.output_text_keep[0])
     # images: each token kept iff logit0 > logit1 (inference keeps the top-k of the same scores instead)
     assert set(inference.kept_vision_indices[0][0].tolist()) <= set(range(16))
-    assert torch.equal(straight_through_keep(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), 1e-4, noise=False),
-                       torch.tensor([1.0, 0.0]))  # fmt: skip
+    assert torch.equal(
+        straight_through_keep(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), 1e-4, noise=False), torch.tensor([1.0, 0.0])
+    )
 
 
 def test_a_few_steps_move_keep_ratios_toward_targets_and_loss_down():
@@ -110,49 +121,94 @@ def test_a_few_steps_move_keep_ratios_toward_targets_and_loss_down():
     assert loss1 < loss0
 
 
+@pytest.mark.slow
 def test_stock_trainer_runs_one_epoch(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     for i in range(4):
         Image.effect_noise((36, 28), 30 + 10 * i).convert("RGB").save(tmp_path / f"{i}.png")
-    samples = [{"id": i, "image": f"{i}.png", "conversations": [
-        {"from": "human", "value": "<image>\nw5 w6"},
-        {"from": "gpt", "value": " ".join(f"w{10 + (i + j) % 90}" for j in range(30))}]} for i in range(4)]  # fmt: skip
+    samples = [
+        {
+            "id": i,
+            "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nw5 w6"},
+                {"from": "gpt", "value": " ".join(f"w{10 + (i + j) % 90}" for j in range(30))},
+            ],
+        }
+        for i in range(4)
+    ]
     processor = tiny_processor()
     dataset = LlavaConversationDataset(samples, tmp_path, processor, image_seq_length=16)
     model = tiny_model(4, output_text_len_for_training=20)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=2,
-                             report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False,
-                             use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     optimizer = torch.optim.AdamW(predictor_parameter_groups(model))
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
-                      data_collator=functools.partial(collate, pad_token_id=0),
-                      callbacks=[GumbelTemperatureCallback()])  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        optimizers=(optimizer, None),
+        data_collator=functools.partial(collate, pad_token_id=0),
+        callbacks=[GumbelTemperatureCallback()],
+    )
     result = trainer.train()
     assert trainer.state.global_step == 2 and result.training_loss > 0
     assert model.gumbel_tau == pytest.approx(temperature(1, 2))
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())  # frozen by default
 
 
+@pytest.mark.slow
 def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
     import json
 
-    from dynamic_llava.tools.cli import main
-    from dynamic_llava.tools.export import export_model
+    from dynamic_llava.cli import main
+    from dynamic_llava.hub.export import export_model
 
     images = tmp_path / "images"
     images.mkdir()
     samples = []
     for i in range(6):
         Image.effect_noise((30, 40), 20 + 9 * i).convert("RGB").save(images / f"{i}.png")
-        samples.append({"id": i, "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nw5 w6"},
-            {"from": "gpt", "value": " ".join(f"w{10 + (i * 7 + j) % 90}" for j in range(25))}]})  # fmt: skip
+        samples.append(
+            {
+                "id": i,
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nw5 w6"},
+                    {"from": "gpt", "value": " ".join(f"w{10 + (i * 7 + j) % 90}" for j in range(25))},
+                ],
+            }
+        )
     (tmp_path / "data.json").write_text(json.dumps(samples))
     base = export_model(tiny_model(5, output_text_len_for_training=20), tmp_path / "base", processor=tiny_processor())
     out = tmp_path / "run"
-    argv = ["train", "--data", str(tmp_path / "data.json"), "--images", str(images), "--model", str(base),
-            "--out", str(out), "--batch-size", "2", "--save-steps", "1", "--logging-steps", "1"]  # fmt: skip
+    argv = [
+        "train",
+        "--data",
+        str(tmp_path / "data.json"),
+        "--images",
+        str(images),
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "1",
+        "--logging-steps",
+        "1",
+    ]
     assert main(argv + ["--max-steps", "2"]) == 0
     assert (out / "checkpoints" / "checkpoint-2").exists()
     assert main(argv + ["--max-steps", "3", "--resume"]) == 0  # continues from checkpoint-2
@@ -165,13 +221,14 @@ def test_train_command_checkpoints_resumes_and_exports(tmp_path, capsys):
     before = DynamicLlavaForConditionalGeneration.from_pretrained(base)
     delta = (trained.image_score_predictor.down_mlp[1].weight - before.image_score_predictor.down_mlp[1].weight).abs()
     assert delta.max() > 0  # the predictors moved
-    for a, b in zip(trained.model.vision_tower.parameters(), before.model.vision_tower.parameters()):
+    for a, b in zip(trained.model.vision_tower.parameters(), before.model.vision_tower.parameters(), strict=True):
         assert torch.equal(a, b)  # the vision tower is frozen by default
     bad = argv[:-6] + ["--out", str(tmp_path / "fresh"), "--resume"]
     assert main(bad) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_on_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 ... train` runs unchanged (DDP; gloo on this CPU machine)."""
     import json
@@ -180,18 +237,46 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from dynamic_llava.tools.cli import main
-    from dynamic_llava.tools.synthetic_train import DEMO_MODEL
+    from dynamic_llava.cli import main
+    from dynamic_llava.synthetic import DEMO_MODEL
 
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "16", "--seed", "5"]) == 0
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), "-m", "dynamic_llava.tools.cli", "train", "--data", str(tmp_path / "data" / "data.json"),
-               "--images", str(tmp_path / "data" / "images"), "--model", str(DEMO_MODEL), "--out",
-               str(tmp_path / "run"), "--batch-size", "2", "--max-steps", "4", "--save-steps", "4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "dynamic_llava.cli",
+        "train",
+        "--data",
+        str(tmp_path / "data" / "data.json"),
+        "--images",
+        str(tmp_path / "data" / "images"),
+        "--model",
+        str(DEMO_MODEL),
+        "--out",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "4",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -216,22 +301,32 @@ class _SpyTrainingArguments(TrainingArguments):
         _SpyTrainingArguments.seen.append((self.bf16, self.fp16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_train_precision_option(tmp_path, monkeypatch, precision):
     """`--precision` reaches the Trainer (bf16 autocast runs on CPU too); an unknown value is refused up front."""
     import transformers
 
-    from dynamic_llava.tools.cli import main
-    from dynamic_llava.tools.synthetic_train import DEMO_MODEL
-    from dynamic_llava.tools.train import train
+    from dynamic_llava.cli import main
+    from dynamic_llava.synthetic import DEMO_MODEL
+    from dynamic_llava.training.trainer import train
 
     monkeypatch.setattr(transformers, "TrainingArguments", _SpyTrainingArguments)
     monkeypatch.setattr(_SpyTrainingArguments, "seen", [])
 
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "4"]) == 0
     data, images = str(tmp_path / "data" / "data.json"), str(tmp_path / "data" / "images")
-    folder = train(data, images, str(DEMO_MODEL), str(tmp_path / "run"), max_steps=1, batch_size=2, save_steps=1,
-                   precision=precision, disable_tqdm=True)  # fmt: skip
+    folder = train(
+        data,
+        images,
+        str(DEMO_MODEL),
+        str(tmp_path / "run"),
+        max_steps=1,
+        batch_size=2,
+        save_steps=1,
+        precision=precision,
+        disable_tqdm=True,
+    )
     state = (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text()
     assert (folder / "model.safetensors").exists() and '"global_step": 1' in state
     assert _SpyTrainingArguments.seen == [(precision == "bf16", False)]

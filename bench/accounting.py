@@ -1,0 +1,120 @@
+"""FLOP and KV-byte accounting of the bench.
+
+* FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` with attention as plain matmuls (eager), so that
+  CPU sdpa kernels, which the counter does not see, are counted too: 4 * heads * queries * keys * head_dim per layer,
+  whatever the mask.
+* KV bytes are read from the caches themselves (ours: `stored_bytes()`; stock: the `DynamicCache` tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..modeling_dynamic_llava import CACHE_KEY
+
+__all__ = ["cache_bytes", "eager_attention", "layer_flops", "per_layer_flops"]
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of key/value tensors a cache holds (ours or a stock DynamicCache)."""
+    if hasattr(cache, "stored_bytes"):
+        return cache.stored_bytes()
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Attention as plain matmuls while counting: FlopCounterMode does not count CPU sdpa kernels."""
+    configs = [model.config, model.config.text_config, model.config.vision_config]
+    saved = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for c, impl in zip(configs, saved, strict=True):
+            c._attn_implementation = impl
+
+
+@contextlib.contextmanager
+def per_layer_flops(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """
+    Count FLOPs of a forward, split per decoder layer / predictor / rest (attention counted as eager matmuls:
+    4 * heads * T * K * head_dim per layer, whatever the mask). Yields a dict filled on exit.
+    """
+    lm = model.model.language_model
+    result = {"layers": [0] * len(lm.layers), "predictors": 0, "total": 0}
+    counter = FlopCounterMode(display=False)
+    marks = {}
+    handles = []
+
+    def pre(key):
+        def hook(module, args, kwargs=None):
+            marks[key] = counter.get_total_flops()
+
+        return hook
+
+    def post(key, slot):
+        def hook(module, args, output):
+            spent = counter.get_total_flops() - marks.pop(key)
+            if slot == "predictors":
+                result["predictors"] += spent
+            else:
+                result["layers"][slot] += spent
+
+        return hook
+
+    for i, layer in enumerate(lm.layers):
+        handles.append(layer.register_forward_pre_hook(pre(("layer", i))))
+        handles.append(layer.register_forward_hook(post(("layer", i), i)))
+    for name in ("image_score_predictor", "output_text_score_predictor"):
+        module = getattr(model, name, None)
+        if module is not None:
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post(name, "predictors")))
+    try:
+        with counter, eager_attention(model):
+            yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+        result["total"] = counter.get_total_flops()
+        result["llm"] = sum(result["layers"]) + result["predictors"]
+
+
+def layer_flops(stock: torch.nn.Module, tokens: int, keys: int | None = None) -> int:
+    """FLOPs of one stock decoder layer on `tokens` queries attending to `keys` (default: causal over itself)."""
+    lm = stock.model.language_model
+    layer = lm.layers[0]
+    hidden = torch.zeros(1, tokens, stock.config.text_config.hidden_size, dtype=stock.dtype, device=stock.device)
+    keys = tokens if keys is None else keys
+    mask = torch.ones(1, 1, tokens, keys, dtype=torch.bool, device=stock.device)
+    positions = torch.arange(tokens, device=stock.device)[None]
+    rope = lm.rotary_emb(hidden, positions)
+    counter = FlopCounterMode(display=False)
+    mask = torch.zeros(mask.shape, dtype=stock.dtype, device=stock.device)  # eager: an additive float mask
+    with counter, torch.no_grad(), eager_attention(stock):
+        if keys > tokens:  # attention over a past: emulate it with a key/value prefix through a plain cache
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            heads = stock.config.text_config.num_key_value_heads
+            dim = stock.config.text_config.hidden_size // stock.config.text_config.num_attention_heads
+            past = torch.zeros(1, heads, keys - tokens, dim, dtype=stock.dtype, device=stock.device)
+            cache.update(past, past, 0)
+            counter_base = counter.get_total_flops()
+            kw = {CACHE_KEY: cache}
+            layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope, use_cache=True, **kw)
+            return counter.get_total_flops() - counter_base
+        layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+    return counter.get_total_flops()

@@ -1,0 +1,59 @@
+"""`dynamic-llava export`: write a Hub-ready folder (remote code, auto_map, safetensors, processor, card)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..files import atomic_output_dir
+from .folder import (
+    set_dtype_field,
+    write_code_files,
+    write_model_config,
+    write_processor_files,
+    write_state_dict,
+)
+from .loading import load_local
+from .model_card import write_model_card
+
+if TYPE_CHECKING:
+    from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from ..processor import DynamicLlavaProcessor
+
+__all__ = ["export_model"]
+
+
+def export_model(
+    model: DynamicLlavaForConditionalGeneration | str | os.PathLike,
+    out: str | os.PathLike,
+    processor: DynamicLlavaProcessor | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
+    repo_id: str = "REPO_ID",
+) -> Path:
+    """
+    Write `model` (a `DynamicLlavaForConditionalGeneration` or a folder) and its processor as a Hub-ready folder:
+    config.json with auto_map, sharded safetensors in the layout both transformers majors load, the flat
+    remote-code files, generation config, processor/tokenizer files with the chat template, model card, notebook.
+    Atomic: a temporary folder is renamed into place; a non-empty `out` is refused unless `overwrite`.
+    """
+    if isinstance(model, (str, Path)):
+        model, loaded_processor = load_local(str(model), dtype=dtype)
+        processor = processor or loaded_processor
+    config = copy.deepcopy(model.config)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_state_dict(model.state_dict(), tmp, max_shard_size=max_shard_size, dtype=dtype)
+        set_dtype_field(config, dtype or model.dtype)
+        write_model_config(config, tmp)
+        write_code_files(tmp)
+        model.generation_config.save_pretrained(tmp)
+        if processor is not None:
+            write_processor_files(processor.image_processor, processor.tokenizer, config, tmp)
+        write_model_card(tmp, config, base_model=base_model, has_tokenizer=processor is not None, repo_id=repo_id)
+    return Path(out)

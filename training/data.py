@@ -1,0 +1,155 @@
+"""LLaVA conversation data for training: the JSON format of LLaVA-1.5's mix665k, the vicuna_v1 template, labels on
+the assistant answers only.
+
+A sample: `{"id": ..., "image": "file.png", "conversations": [{"from": "human", "value": "<image>\\nQ"},
+{"from": "gpt", "value": "A"}, ...]}`. The prompt is vicuna_v1 (the processor's chat template):
+`SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`. Segments are tokenized one by one so the
+answer spans are known exactly; labels are -100 everywhere but on the answers and their `</s>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..processor import DynamicLlavaProcessor
+
+from ..processor.processing_dynamic_llava import VICUNA_V1_SYSTEM
+
+IGNORE_INDEX = -100
+IMAGE = "<image>"
+
+
+class DataError(ValueError):
+    """A training sample that cannot be used; the message names the sample and the fix."""
+
+
+class LlavaConversationDataset(torch.utils.data.Dataset):
+    """
+    Args:
+        data: path of the JSON list, or the list itself.
+        image_folder: where the samples' `image` files are.
+        processor: a `DynamicLlavaProcessor` (its tokenizer knows `<image>`; its image processor pads to square).
+        image_seq_length: tokens per image (`config.image_seq_length`).
+        max_length: samples longer than this are cut (labels too).
+    Every sample is checked when the dataset is built: bad ones raise `DataError` naming the sample.
+    """
+
+    def __init__(
+        self,
+        data: str | os.PathLike | list[dict[str, Any]],
+        image_folder: str | os.PathLike | None,
+        processor: DynamicLlavaProcessor,
+        image_seq_length: int,
+        max_length: int = 2048,
+    ) -> None:
+        if isinstance(data, (str, Path)):
+            path = Path(data)
+            if not path.exists():
+                raise DataError(f"{path} does not exist; pass the LLaVA conversation JSON (--data).")
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} is not valid JSON: {error}") from error
+        if not isinstance(data, list) or not data:
+            raise DataError("the data must be a non-empty JSON list of samples")
+        self.samples = data
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_seq_length = image_seq_length
+        self.max_length = max_length
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE)
+        for index, sample in enumerate(self.samples):
+            self._check(index, sample)
+
+    def _name(self, index, sample) -> str:
+        ident = sample.get("id") if isinstance(sample, dict) else None
+        return f"sample {index}" + (f" (id {ident!r})" if ident is not None else "")
+
+    def _check(self, index, sample) -> None:
+        name = self._name(index, sample)
+        if not isinstance(sample, dict):
+            raise DataError(f"{name} is not an object with 'conversations'")
+        turns = sample.get("conversations")
+        if not turns:
+            raise DataError(f"{name} has no conversations; remove it or add a human/gpt exchange")
+        for i, turn in enumerate(turns):
+            expected = "human" if i % 2 == 0 else "gpt"
+            if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+                raise DataError(f"{name}: turn {i} must be {{'from': '{expected}', 'value': text}} (turns alternate)")
+        if len(turns) % 2:
+            raise DataError(f"{name} ends with a human turn; every question needs an answer")
+        count = sum(turn["value"].count(IMAGE) for turn in turns)
+        if "image" in sample:
+            if count != 1:
+                raise DataError(
+                    f"{name} has an image but {count} '<image>' in its text; put one '<image>' in the first question"
+                )
+            if self.image_folder is None or not (self.image_folder / sample["image"]).is_file():
+                raise DataError(f"{name}: image file {sample['image']!r} not found in {self.image_folder}")
+        elif count:
+            raise DataError(f"{name} has '<image>' in its text but no 'image' file")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        input_ids, labels = encode_conversation(self.tokenizer, sample["conversations"], self.image_seq_length)
+        input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        if "image" in sample:
+            if self.image_token_id not in input_ids:
+                raise DataError(f"{self._name(index, sample)}: max_length {self.max_length} cuts the image out")
+            pixels = self.processor.image_processor(str(self.image_folder / sample["image"]), return_tensors="pt")
+            item["pixel_values"] = pixels["pixel_values"][0]
+        return item
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], image_seq_length: int
+) -> tuple[list[int], list[int]]:
+    """
+    vicuna_v1 token ids of a conversation and its labels (-100 but on the answers and their `</s>`); each
+    `<image>` is expanded to `image_seq_length` tokens. Segments are tokenized one by one, so spans are exact.
+    """
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    for i in range(0, len(turns), 2):
+        question = turns[i]["value"]
+        if IMAGE in question:  # the original puts the image first: "<image>\nQ"
+            question = IMAGE + "\n" + question.replace(IMAGE, "").strip()
+        prompt = (VICUNA_V1_SYSTEM + " " if i == 0 else "") + "USER: " + question + " ASSISTANT:"
+        prompt_ids = []
+        for piece in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+            prompt_ids.extend([piece] * image_seq_length if piece == image_id else [piece])
+        answer_ids = tokenizer(" " + turns[i + 1]["value"].strip() + "</s>", add_special_tokens=False)["input_ids"]
+        input_ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return input_ids, labels
+
+
+def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch (training): `input_ids`, `attention_mask`, `labels` (-100 on padding), `pixel_values`
+    stacked for the rows that have an image (in row order, as the model assigns images to `<image>` spans)."""
+    width = max(item["input_ids"].numel() for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = item["input_ids"].numel()
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    pixels = [item["pixel_values"] for item in batch if "pixel_values" in item]
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out
