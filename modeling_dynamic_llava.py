@@ -761,6 +761,15 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def gumbel_tau(self, value: float) -> None:
         self.model.gumbel_tau = value
 
+    @property
+    def gumbel_noise(self) -> bool:
+        """False: the training masks are the straight-through argmax (no Gumbel noise), for checks."""
+        return self.model.gumbel_noise
+
+    @gumbel_noise.setter
+    def gumbel_noise(self, value: bool) -> None:
+        self.model.gumbel_noise = value
+
     def train(self, mode: bool = True):
         """Training mode keeps every token and uses the masked softmax in layers >= sparse_layer (see
         sparse_training.py); eval mode restores the attention implementation it had."""

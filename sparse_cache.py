@@ -122,7 +122,7 @@ class SlotTable:
     capacity: slots allocated per row (host int); used_bound: a host upper bound of `lengths.max()`.
     """
 
-    def __init__(self, block_size: int = 64, static_capacity: int | None = None):
+    def __init__(self, block_size: int = 32, static_capacity: int | None = None):
         self.block_size = block_size
         self.static_capacity = static_capacity
         self.positions: torch.Tensor | None = None
@@ -184,8 +184,8 @@ class SlotTable:
         Args:
             positions, valid, store: `[batch, c]` (see `SparseChunk`).
             num_new_tokens: the logical length of the call (before dropping).
-            plainly_causal: the caller checked that keys == queries in order (first prefill, nothing dropped but
-                possibly the last token): attention may then read only the first `c` slots without a mask.
+            plainly_causal: the caller checked that keys == queries in order (first prefill, every row computes
+                the same tokens): attention may then read only the first `c` slots, without a mask.
         Returns:
             `[batch, width]` long key positions for this call's mask.
         """
@@ -212,7 +212,14 @@ class SlotTable:
             self.logical_length += num_new_tokens
         self.write_index = dest
         self._expanded = {}
-        self.read_width = c if plainly_causal else self.capacity
+        # what attention reads: a decode step the whole capacity (no slicing op per layer, empty slots are masked);
+        # a multi-token chunk only the slots that can be in use (no compute on a block of empty slots)
+        if plainly_causal:
+            self.read_width = c
+        elif c == 1 or self.static_capacity is not None:
+            self.read_width = self.capacity
+        else:
+            self.read_width = min(self.used_bound, self.capacity)
         return key_positions if self.read_width == self.capacity else key_positions[:, : self.read_width]
 
     def expanded_index(self, like: torch.Tensor) -> torch.Tensor:
@@ -412,7 +419,7 @@ class RowLog:
         them into a preallocated `[batch, slots]` buffer instead (no Python state changes inside a compiled step).
     """
 
-    def __init__(self, block_size: int = 64, static_slots: int | None = None):
+    def __init__(self, block_size: int = 32, static_slots: int | None = None):
         self.block_size = block_size
         self.static_slots = static_slots
         self.real_tokens: torch.Tensor | None = None
@@ -525,7 +532,7 @@ class DynamicLlavaCache(Cache):
         *,
         num_hidden_layers: int | None = None,
         sparse_layer: int | None = None,
-        block_size: int = 64,
+        block_size: int = 32,
     ):
         if config is not None:
             text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -604,6 +611,13 @@ class DynamicLlavaCache(Cache):
     @property
     def output_text_keep(self) -> list[torch.Tensor]:
         return self.log.output_text_keep()
+
+    def stored_positions(self) -> list[torch.Tensor]:
+        """Per row, the positions of the entries its sparse layers hold, ascending (one host sync)."""
+        if self.table.lengths is None:
+            return [torch.zeros(0, dtype=torch.long) for _ in range(self.batch_size)]
+        lengths = self.table.lengths.tolist()
+        return [self.table.positions[b, :n].clone() for b, n in enumerate(lengths)]
 
     def kept_lengths(self) -> torch.Tensor:
         """`[num_layers, batch]` long: entries physically stored per layer and row, padding never counted."""

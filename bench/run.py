@@ -257,7 +257,7 @@ def run_bench(
         with per_layer_flops(stock) as stock_prefill:
             stock(**inputs, logits_to_keep=1)
     kept_tokens = int(cache_from_output(ours_out).kept_lengths()[-1].max())
-    vision_kept = sum(int(v.numel()) for v in cache_from_output(ours_out).kept_vision_indices)
+    vision_kept = sum(int(image.numel()) for row in cache_from_output(ours_out).kept_vision_indices for image in row)
     f_full = stock_prefill["layers"][0]
     f_kept = layer_flops(stock, kept_tokens)
     floor = sparse_layer * f_full * batch_size + (num_layers - sparse_layer) * f_kept * batch_size

@@ -165,7 +165,7 @@ _DROPPED = (re.compile(r"^model\.vision_tower\.vision_tower\."), re.compile(r"ro
 _RENAMES = (
     (re.compile(r"^model\.mm_projector\.0\."), "model.multi_modal_projector.linear_1."),
     (re.compile(r"^model\.mm_projector\.2\."), "model.multi_modal_projector.linear_2."),
-    (re.compile(r"^model\.(image_score_predictor|output_text_score_predictor)\."), r"\1."),
+    (re.compile(r"^model\.(image_score_predictor|output_text_score_predictor)\."), r"model.\1."),
     (re.compile(r"^model\.(embed_tokens|layers|norm)\."), r"model.language_model.\1."),
     (re.compile(r"^lm_head\."), "lm_head."),
 )

@@ -165,7 +165,7 @@ print({k: report[k] for k in ("vision_tokens_kept", "output_text_kept", "output_
             """
 import matplotlib.pyplot as plt
 
-kept = cache.kept_vision_indices[0]
+kept = cache.kept_vision_indices[0][0]  # row 0, its first image
 side = int(model.config.image_seq_length ** 0.5)
 grid = np.zeros(side * side)
 grid[kept.numpy()] = 1.0

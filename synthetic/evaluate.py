@@ -20,8 +20,8 @@ __all__ = ["evaluate_synthetic", "first_image_kept"]
 
 def first_image_kept(cache: DynamicLlavaCache, row: int) -> list[int]:
     """The kept patch indices of row `row`'s first image."""
-    kept = cache.kept_vision_indices[row]
-    return (kept if isinstance(kept, torch.Tensor) else kept[0]).tolist()
+    images = cache.kept_vision_indices[row]  # one LongTensor per image of the row
+    return images[0].tolist() if images else []
 
 
 def evaluate_synthetic(

@@ -172,7 +172,7 @@ def test_convert_synthetic_checkpoints(tmp_path, shards, tower_copy, caplog):
     )
     assert torch.equal(state["model.multi_modal_projector.linear_2.bias"], original["model.mm_projector.2.bias"])
     assert torch.equal(
-        state["output_text_score_predictor.output_mlp.7.weight"],
+        state["model.output_text_score_predictor.output_mlp.7.weight"],
         original["model.output_text_score_predictor.output_mlp.7.weight"],
     )
     # <image> and <pad> appended like llava-hf, vocabulary padded to a multiple of 64 with the mean row

@@ -55,7 +55,7 @@ def vision_gap(model, inputs):
 def agreement(a, b):
     """Share of rows whose kept vision indices agree, and share of equal output-text decisions."""
     pairs = zip(a.kept_vision_indices, b.kept_vision_indices, strict=True)
-    vision = sum(torch.equal(x, y) for x, y in pairs) / len(a.kept_vision_indices)
+    vision = sum(torch.equal(x[0], y[0]) for x, y in pairs) / len(a.kept_vision_indices)
     ta, tb = torch.cat(a.output_text_keep), torch.cat(b.output_text_keep)
     n = min(ta.numel(), tb.numel())
     return vision, float((ta[:n] == tb[:n]).float().mean())
@@ -94,7 +94,7 @@ def compare_decisions(reference, other, label, seeds=range(6)):
         text_agree.append(t)
     gap, inputs = large_margin_inputs(reference)
     assert gap > 0.5, f"the constructed case has a top-k gap of only {gap:.3f}"
-    assert torch.equal(run(reference, inputs).kept_vision_indices[0], run(other, inputs).kept_vision_indices[0])
+    assert torch.equal(run(reference, inputs).kept_vision_indices[0][0], run(other, inputs).kept_vision_indices[0][0])
     print(
         f"\n[{label}] agreement over {len(vision_agree)} random inputs: kept vision indices "
         f"{sum(vision_agree) / len(vision_agree):.2f}, output-text decisions {sum(text_agree) / len(text_agree):.2f}; "
@@ -160,8 +160,8 @@ def offload_maps(sparse_layer):
         "model.language_model.norm",
         "model.language_model.rotary_emb",
         "lm_head",
-        "image_score_predictor",
-        "output_text_score_predictor",
+        "model.image_score_predictor",
+        "model.output_text_score_predictor",
     ]
     split = {name: "cpu" for name in names}
     for i in range(4):
@@ -193,7 +193,7 @@ def test_device_map_and_disk_offload(saved, tmp_path, which):
     ca, cb = cache_of(a), cache_of(b)
     assert torch.equal(ca.kept_lengths(), cb.kept_lengths())
     assert all(torch.equal(x, y) for x, y in zip(ca.output_text_keep, cb.output_text_keep, strict=True))
-    assert all(torch.equal(x, y) for x, y in zip(ca.kept_vision_indices, cb.kept_vision_indices, strict=True))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(ca.kept_vision_indices, cb.kept_vision_indices, strict=True))
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])

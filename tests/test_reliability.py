@@ -48,13 +48,14 @@ def two_image_rows(seed: int = 4) -> dict:
 def test_item01_a_rows_images_are_expanded_as_a_group(calibrated_model):
     inputs = two_image_rows()
     off = sparsity_off(calibrated_model)
-    # greedy copies: the same as stock on inputs expanded by hand (rows repeated, each row's images with it)
+    # greedy copies (sampling among the top 1): the same as stock on inputs expanded by hand (rows repeated, each
+    # row's images with it)
     expanded = {
         "input_ids": inputs["input_ids"].repeat_interleave(2, dim=0),
         "attention_mask": inputs["attention_mask"].repeat_interleave(2, dim=0),
         "pixel_values": inputs["pixel_values"][[0, 1, 0, 1, 2, 2]],
     }
-    ours = off.generate(**inputs, max_new_tokens=6, do_sample=False, num_return_sequences=2)
+    ours = off.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=2)
     stock = stock_llava(off).generate(**expanded, max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, stock)
     # beams, sparsity on: the first step of every beam row sees its own row's images (its logits are the row's)
@@ -314,7 +315,7 @@ def test_item14_crop_is_refused_with_a_true_message(calibrated_model, sparsity):
     with pytest.raises(ValueError, match="cannot be cropped.*not supported") as error:
         cache.crop(3)
     assert "use_vision_predictor" not in str(error.value) and "sparsity off" not in str(error.value)
-    with pytest.raises(ValueError, match="cannot be cropped|not supported|assist"):
+    with pytest.raises(ValueError, match="(?i)assist"):  # refused by generate() itself, on every version
         model.generate(**tiny_inputs([(5, 6, 7)]), max_new_tokens=3, assistant_model=copy.deepcopy(model))
 
 
