@@ -235,7 +235,9 @@ class DynamicLlavaConfig(LlavaConfig):
         values = {field: getattr(self, field) for field in PER_CALL_FIELDS}
         for field, value in overrides.items():
             if field not in PER_CALL_FIELDS:
-                raise TypeError(f"{field} cannot be set per call; per-call sparsity fields: {', '.join(PER_CALL_FIELDS)}")
+                raise TypeError(
+                    f"{field} cannot be set per call; per-call sparsity fields: {', '.join(PER_CALL_FIELDS)}"
+                )
             if value is None:
                 continue
             _FIELD_CHECKS[field]("per-call ", field, value)

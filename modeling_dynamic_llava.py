@@ -242,7 +242,11 @@ class DynamicLlavaModel(LlavaModel):
         )
         cache = self._check_cache(cache if cache is not None else past_key_values, settings)
         training = self.training and settings.enabled
-        if cache is None and not training and (use_cache if use_cache is not None else self.config.text_config.use_cache):
+        if (
+            cache is None
+            and not training
+            and (use_cache if use_cache is not None else self.config.text_config.use_cache)
+        ):
             cache = DynamicLlavaCache(self.config, sparse_layer=self._sparse_layer_of(settings))
         # a cache that is given is used and updated, whatever use_cache says (as the stock models do)
 
@@ -385,7 +389,15 @@ class DynamicLlavaModel(LlavaModel):
         # 4. sparse layers: the kept past plus this chunk, one explicit mask for all of them (one hand-over)
         if cache is not None:
             chunk = _chunk(
-                token_valid, positions, valid, store, q, selection.kept_vision_indices, selection, ends_row, generated_from
+                token_valid,
+                positions,
+                valid,
+                store,
+                q,
+                selection.kept_vision_indices,
+                selection,
+                ends_row,
+                generated_from,
             )
             key_positions = cache.admit(chunk, plainly_causal=plainly_causal)
         else:
@@ -526,8 +538,9 @@ class DynamicLlavaModel(LlavaModel):
             filled = cache.get_seq_length() if hasattr(cache, "get_seq_length") else "?"
             raise TypeError(
                 f"DynamicLlavaForConditionalGeneration needs its own cache, got a {type(cache).__name__} holding "
-                f"{filled} tokens. Pass no cache (generate() and forward() build one), or DynamicLlavaCache(model.config) "
-                "(filled in place, for multi-turn), or the cache returned by an earlier call of this model."
+                f"{filled} tokens. Pass no cache (generate() and forward() build one), or "
+                "DynamicLlavaCache(model.config) (filled in place, for multi-turn), or the cache returned by an "
+                "earlier call of this model."
             )
         num_layers = self.config.text_config.num_hidden_layers
         if len(cache.layers) != num_layers:
@@ -676,8 +689,11 @@ class DynamicLlavaModel(LlavaModel):
             **kwargs,
         )
         features = torch.cat(image_features_list(out), dim=0)
-        merged = inputs_embeds.masked_scatter(image_token_mask[..., None].to(inputs_embeds.device), features.to(inputs_embeds))
+        merged = inputs_embeds.masked_scatter(
+            image_token_mask[..., None].to(inputs_embeds.device), features.to(inputs_embeds)
+        )
         return merged, layout
+
 
 def _chunk(token_valid, positions, valid, store, q, kept_vision, selection, ends_row, generated_from) -> SparseChunk:
     return SparseChunk(
@@ -848,7 +864,9 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             ce = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
             loss = ce
             if outputs.vision_budget_loss is not None:
-                loss = ce + self.config.mask_loss_weight * (outputs.vision_budget_loss + outputs.output_text_budget_loss)
+                loss = ce + self.config.mask_loss_weight * (
+                    outputs.vision_budget_loss + outputs.output_text_budget_loss
+                )
         output = DynamicLlavaCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -943,11 +961,18 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             mask = self.model._image_token_mask(input_ids, model_kwargs.get("inputs_embeds"))
             per_row = (mask.sum(-1) // self.config.tokens_per_image).tolist()
             starts = [sum(per_row[:row]) for row in range(len(per_row))]
-            index = [start + i for start, n in zip(starts, per_row) for _ in range(expand_size) for i in range(n)]
+            index = [
+                start + i
+                for start, n in zip(starts, per_row, strict=True)
+                for _ in range(expand_size)
+                for i in range(n)
+            ]
             index = torch.tensor(index, dtype=torch.long, device=pixel_values.device)
             images = {"pixel_values": pixel_values.index_select(0, index)}
             if model_kwargs.get("image_sizes") is not None:
-                images["image_sizes"] = model_kwargs["image_sizes"].index_select(0, index.to(model_kwargs["image_sizes"].device))
+                images["image_sizes"] = model_kwargs["image_sizes"].index_select(
+                    0, index.to(model_kwargs["image_sizes"].device)
+                )
             for key in images:
                 model_kwargs.pop(key)
             input_ids, model_kwargs = super()._expand_inputs_for_generation(

@@ -490,7 +490,9 @@ class RowLog:
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
         self._gather_calls()
-        self.calls = [(k.index_select(0, index.to(k.device)), s.index_select(0, index.to(s.device))) for k, s in self.calls]
+        self.calls = [
+            (k.index_select(0, index.to(k.device)), s.index_select(0, index.to(s.device))) for k, s in self.calls
+        ]
         self.vision = [list(self.vision[i]) for i in index.tolist()]
 
     def output_text_keep(self) -> list[torch.Tensor]:
@@ -789,8 +791,8 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
                 torch._dynamo.mark_static_address(self.length)
         if self.is_empty is False and q > 1 and self.get_seq_length() + q > self.max_cache_len:
             raise ValueError(
-                f"DynamicLlavaStaticCache is full: max_cache_len={self.max_cache_len}, {self.get_seq_length()} used and "
-                f"this call adds {q}. Build it with a larger max_cache_len."
+                f"DynamicLlavaStaticCache is full: max_cache_len={self.max_cache_len}, {self.get_seq_length()} used "
+                f"and this call adds {q}. Build it with a larger max_cache_len."
             )
         if self.is_empty and q > self.max_cache_len:
             raise ValueError(

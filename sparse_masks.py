@@ -66,6 +66,4 @@ def attention_mask_for(visible: torch.Tensor, attn_implementation: str, dtype: t
             "model with attn_implementation='sdpa' (default) or 'eager'."
         )
     device = visible.device
-    return torch.where(
-        visible, _constant(0.0, dtype, device), _constant(torch.finfo(dtype).min, dtype, device)
-    )
+    return torch.where(visible, _constant(0.0, dtype, device), _constant(torch.finfo(dtype).min, dtype, device))

@@ -14,7 +14,7 @@ This file is a Hub remote-code module.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

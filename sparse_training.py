@@ -18,7 +18,7 @@ This file is a Hub remote-code module.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ def straight_through_keep(logits: torch.Tensor, tau: float, noise: bool = True) 
     return (hard - soft.detach() + soft)[..., 0]
 
 
-def answer_span(labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+def answer_span(labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """
     `[B, T]` labels -> (`start`, `end`) `[B]`: the final answer span of each row, one past the last -100 among its
     real tokens, up to its last real token (padding is not counted).

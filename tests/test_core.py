@@ -425,7 +425,10 @@ def test_model_state_dict_matches_stock_plus_predictors(calibrated_model):
     ours = set(calibrated_model.state_dict())
     extra = ours - set(stock.state_dict())
     assert ours >= set(stock.state_dict())
-    assert extra and all(k.split(".")[:2] in (["model", "image_score_predictor"], ["model", "output_text_score_predictor"]) for k in extra)
+    assert extra and all(
+        k.split(".")[:2] in (["model", "image_score_predictor"], ["model", "output_text_score_predictor"])
+        for k in extra
+    )
 
 
 def test_labels_loss_follows_the_computed_positions(calibrated_model):

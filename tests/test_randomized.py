@@ -17,6 +17,7 @@ import torch
 
 from dynamic_llava.bench.stock import stock_llava
 from dynamic_llava.transformers_compat import CACHE_KEY, cache_from_output
+
 from fixtures.tiny import IMAGE_TOKEN_ID
 
 SEED = 20261201
@@ -77,7 +78,13 @@ def draws():
             "second_turn": rng.random() < 0.3,
             "chunk": rng.choice([None, 2, 3]),
             "per_call": rng.choice(
-                [{}, {}, {"use_vision_predictor": False}, {"use_output_text_predictor": False}, {"vision_keep_tokens": 6}]
+                [
+                    {},
+                    {},
+                    {"use_vision_predictor": False},
+                    {"use_output_text_predictor": False},
+                    {"vision_keep_tokens": 6},
+                ]
             ),
         }
         yield pytest.param(case, id=f"draw{index}-{case['mode']}-b{case['batch']}")
@@ -147,7 +154,12 @@ def test_random_batches_keep_every_property(calibrated_model, case):
         if mode == "beams":
             stock_kwargs = None  # (beam search expands inside generate(): no hand-expanded stock reference)
         else:
-            order = [i for row, n in enumerate(images) for _ in range(expand) for i in range(sum(images[:row]), sum(images[:row]) + n)]
+            order = [
+                i
+                for row, n in enumerate(images)
+                for _ in range(expand)
+                for i in range(sum(images[:row]), sum(images[:row]) + n)
+            ]
             stock_inputs = {k: v.repeat_interleave(expand, dim=0) for k, v in inputs.items() if k != "pixel_values"}
             stock_inputs["pixel_values"] = inputs["pixel_values"][order]
             stock_kwargs = dict(stock_kwargs, num_return_sequences=1)
@@ -173,7 +185,9 @@ def test_random_batches_keep_every_property(calibrated_model, case):
             assert torch.equal(lengths[:, batch_row], alone_cache.kept_lengths()[:, copy])
             assert all(
                 torch.equal(a, b)
-                for a, b in zip(cache.kept_vision_indices[batch_row], alone_cache.kept_vision_indices[copy], strict=True)
+                for a, b in zip(
+                    cache.kept_vision_indices[batch_row], alone_cache.kept_vision_indices[copy], strict=True
+                )
             )
 
     # a second turn through the returned cache == the same conversation generated fresh

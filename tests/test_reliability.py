@@ -15,6 +15,7 @@ from transformers import AutoConfig, DynamicCache
 from dynamic_llava import DynamicLlavaCache, DynamicLlavaForConditionalGeneration, DynamicLlavaStaticCache
 from dynamic_llava.bench.stock import stock_llava
 from dynamic_llava.transformers_compat import CACHE_KEY, TRANSFORMERS_MAJOR, cache_from_output
+
 from fixtures.tiny import IMAGE_TOKEN_ID, tiny_config, tiny_inputs, tiny_model
 
 GREEDY = dict(do_sample=False, return_dict_in_generate=True)
@@ -272,9 +273,9 @@ def test_item10_dtype_casts_keep_the_predictors_float32(saved_tiny, cast):
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     with torch.no_grad():
         a, b = cast_model(**inputs), loaded(**inputs)
-    assert all(
-        torch.equal(x[0], y[0]) for x, y in zip(a.kept_vision_indices, b.kept_vision_indices, strict=True)
-    ), "a cast model decides as a model loaded in that dtype"
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a.kept_vision_indices, b.kept_vision_indices, strict=True)), (
+        "a cast model decides as a model loaded in that dtype"
+    )
 
 
 # ---- 11. text-only calls report one entry per row -----------------------------------------------------------------
