@@ -24,6 +24,35 @@ def sparsity_off(model):
     return model
 
 
+# ---- the model variants the invariants run on ------------------------------------------------------------------------
+
+# which predictors run at inference, and where the sparse layers start (1, 2 and L-1 of the 4-layer tiny model)
+PREDICTORS = {
+    "both": {},
+    "vision_only": {"use_output_text_predictor": False},
+    "text_only": {"use_vision_predictor": False},
+}
+SPARSE_LAYERS = [1, 2, 3]
+VARIANTS = [(predictors, layer) for predictors in PREDICTORS for layer in SPARSE_LAYERS]
+_BUILT: dict = {}
+
+
+@pytest.fixture(params=VARIANTS, ids=[f"{p}-l{layer}" for p, layer in VARIANTS])
+def variant(request):
+    """A tiny model per (predictor setting, sparse_layer); an output-text predictor is calibrated to keep ~half."""
+    if request.param not in _BUILT:
+        predictors, layer = request.param
+        model = tiny_model(0, sparse_layer=layer, **PREDICTORS[predictors])
+        if model.config.use_output_text_predictor:
+            calibrate_output_text_bias(model, tiny_inputs([(5, 6, 7, 8, 9)]), max_new_tokens=30)
+        _BUILT[request.param] = model
+    return _BUILT[request.param]
+
+
+def image_keep_count(model):
+    return int(16 * model.config.vision_keep_rate) if model.config.use_vision_predictor else 16
+
+
 # ---- 1. sparsification off == stock LLaVA --------------------------------------------------------------------------
 
 
@@ -39,7 +68,7 @@ def test_sparsity_off_equals_stock_llava(attn, batch_inputs):
     a = model.generate(**batch_inputs, max_new_tokens=20, **GREEDY)
     b = stock.generate(**batch_inputs, max_new_tokens=20, **GREEDY)
     assert torch.equal(a.sequences, b.sequences)
-    step_diff = max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits))
+    step_diff = max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
     assert step_diff <= 1e-5
     assert isinstance(cache_of(a), DynamicLlavaCache)
     assert cache_of(a).stored_bytes() == cache_of(a).dense_bytes()
@@ -49,16 +78,35 @@ def test_sparsity_off_equals_stock_llava(attn, batch_inputs):
     assert torch.equal(a, b)
 
 
+def test_sparsity_off_per_call_equals_stock_on_every_variant(variant, batch_inputs):
+    """Both predictors off for one call: stock compute through the sparse machinery's dense cache."""
+    off = dict(use_vision_predictor=False, use_output_text_predictor=False)
+    a = variant.generate(**batch_inputs, max_new_tokens=10, **GREEDY, **off)
+    b = stock_llava(variant).generate(**batch_inputs, max_new_tokens=10, **GREEDY)
+    assert torch.equal(a.sequences, b.sequences)
+    assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-5
+
+
+def test_keeping_everything_equals_stock_on_every_variant(variant, batch_inputs):
+    """Sparse layers that keep every token (vision rate 1, no output-text predictor) compute what stock does."""
+    a = variant.generate(
+        **batch_inputs, max_new_tokens=10, vision_keep_rate=1.0, use_output_text_predictor=False, **GREEDY
+    )
+    b = stock_llava(variant).generate(**batch_inputs, max_new_tokens=10, **GREEDY)
+    assert torch.equal(a.sequences, b.sequences)
+    assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-4
+
+
 # ---- 2. physical dropping == masking ---------------------------------------------------------------------------------
 
 
-def masked_reference(model, inputs_embeds, positions, keep, compute_last=True):
+def masked_reference(model, inputs_embeds, positions, keep):
     """
     Every token through every layer (eager attention, float masks built here); in layers >= sparse_layer a key is
     visible iff it is kept (or is the query itself). Returns logits `[batch, q, V]` of all positions.
     """
     lm = model.model.language_model
-    l = model.config.sparse_layer
+    sparse_layer = model.config.sparse_layer
     batch, q, _ = inputs_embeds.shape
     causal = torch.ones(q, q, dtype=torch.bool).tril()
     dense = causal.expand(batch, q, q)
@@ -72,7 +120,7 @@ def masked_reference(model, inputs_embeds, positions, keep, compute_last=True):
     hidden = inputs_embeds
     rope = lm.rotary_emb(hidden, positions)
     for i, layer in enumerate(lm.layers):
-        mask = to_float(dense if i < l else sparse)
+        mask = to_float(dense if i < sparse_layer else sparse)
         kwargs = {"attention_mask": mask, "position_ids": positions, "position_embeddings": rope}
         if "cache_position" in layer.forward.__code__.co_varnames:
             kwargs["cache_position"] = torch.arange(q)
@@ -92,8 +140,9 @@ def embeds_of(model, input_ids, pixel_values):
     return embeds.masked_scatter(mask[..., None], features)
 
 
-def test_sparse_prefill_equals_masking_reference():
-    model = tiny_model(2, attn_implementation="eager")
+def test_sparse_prefill_equals_masking_reference(variant):
+    model = copy.deepcopy(variant)
+    model.config._attn_implementation = model.config.text_config._attn_implementation = "eager"
     inputs = tiny_inputs([(5, 6, 7, 8, 9, 10)], seed=1)
     with torch.no_grad():
         out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
@@ -103,15 +152,16 @@ def test_sparse_prefill_equals_masking_reference():
         keep = torch.ones(1, q, dtype=torch.bool)
         keep[0, image_start : image_start + 16] = False
         kept = out.kept_vision_indices[0][0]
-        assert len(kept) == int(16 * model.config.vision_keep_rate)
+        assert len(kept) == image_keep_count(model)
         keep[0, image_start + kept] = True
         ref = masked_reference(model, embeds, torch.arange(q)[None], keep)
-    assert torch.equal(out.token_indices[0], keep[0].nonzero().flatten())
+    computed = out.token_indices[0] if out.token_indices is not None else torch.arange(q)
+    assert torch.equal(computed, keep[0].nonzero().flatten())
     assert (out.logits[0] - ref[0, keep[0]]).abs().max() <= 1e-5
 
 
-def test_nocache_step_equals_masking_reference(calibrated_model):
-    model = calibrated_model
+def test_nocache_step_equals_masking_reference(variant):
+    model = variant
     inputs = tiny_inputs([(5, 6, 7, 8, 9)])
     gen = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     prompt_len = inputs["input_ids"].shape[1]
@@ -122,45 +172,47 @@ def test_nocache_step_equals_masking_reference(calibrated_model):
         keep = torch.ones(1, q, dtype=torch.bool)
         keep[0, 2:18] = False
         keep[0, 2 + out.kept_vision_indices[0][0]] = True
-        keep[0, prompt_len:] = out.output_text_keep[0]
-        assert 0 < int(out.output_text_keep.sum()) < out.output_text_keep.numel()
+        if model.config.use_output_text_predictor:
+            keep[0, prompt_len:] = out.output_text_keep[0]
+            assert 0 < int(out.output_text_keep.sum()) < out.output_text_keep.numel()
+        else:
+            assert out.output_text_keep is None
         ref = masked_reference(model, embeds, torch.arange(q)[None], keep)
     # the last (current) token always computes; dropped generated tokens are gone from layers >= l
     assert (out.logits[0, -1] - ref[0, -1]).abs().max() <= 1e-5
 
 
-# ---- 3. cached == uncached --------------------------------------------------------------------------------------------
+# ---- 3. cached == uncached ----------------------------------------------------------------------------------------
 
 
-def test_cached_and_uncached_generate_agree(calibrated_model):
-    model = calibrated_model
+def test_cached_and_uncached_generate_agree(variant):
+    model = variant
     inputs = tiny_inputs([(5, 6, 7, 8, 9)])
     cached = model.generate(**inputs, max_new_tokens=30, **GREEDY)
     uncached = model.generate(**inputs, max_new_tokens=30, use_cache=False, do_sample=False)
     assert torch.equal(cached.sequences, uncached)
     decisions = cache_of(cached).output_text_keep[0]
-    assert decisions.numel() == 29
-    assert 0.2 <= decisions.float().mean() <= 0.8
-    # the no-cache forward over the final input re-scores every generated token with the same threshold
     prompt_len = inputs["input_ids"].shape[1]
-    with torch.no_grad():
+    with torch.no_grad():  # the no-cache forward over the final input re-scores every generated token
         last = model(
-            input_ids=uncached[:, :-1], pixel_values=inputs["pixel_values"], use_cache=False,
+            input_ids=uncached[:, :-1],
+            pixel_values=inputs["pixel_values"],
+            use_cache=False,
             output_text_start=prompt_len,
-        )  # fmt: skip
-    assert torch.equal(last.output_text_keep[0], decisions)
+        )
+    if model.config.use_output_text_predictor:
+        assert decisions.numel() == 29
+        assert 0.2 <= decisions.float().mean() <= 0.8
+        assert torch.equal(last.output_text_keep[0], decisions)
+    else:
+        assert decisions.numel() == 0 and last.output_text_keep is None
     assert torch.equal(last.kept_vision_indices[0][0], cache_of(cached).kept_vision_indices[0][0])
 
 
 # ---- 4. batch row == row alone ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_batch_rows_equal_rows_alone(attn, calibrated_model, batch_inputs):
-    model = copy.deepcopy(calibrated_model)
-    model.config._attn_implementation = attn
-    model.config.text_config._attn_implementation = attn
-    n = 16
+def assert_rows_equal_rows_alone(model, batch_inputs, n=16):
     batch = model.generate(**batch_inputs, max_new_tokens=n, **GREEDY)
     batch_cache = cache_of(batch)
     width = batch_inputs["input_ids"].shape[1]
@@ -182,62 +234,78 @@ def test_batch_rows_equal_rows_alone(attn, calibrated_model, batch_inputs):
         kept_total.append(int(lengths[-1, row]))
     assert len(set(kept_total)) > 1, "rows should keep different counts"
 
-    # storage: dense layers batch x padded length, sparse layers batch x max kept
+    # storage: dense layers batch x padded length, sparse layers batch x max kept (plus at most one spare block)
     text = model.config.text_config
     per_entry = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
-    l, num_layers = model.config.sparse_layer, text.num_hidden_layers
+    sparse_layer, num_layers = model.config.sparse_layer, text.num_hidden_layers
     dense_len = width + n - 1
-    expected = l * 3 * dense_len * per_entry + (num_layers - l) * 3 * max(kept_total) * per_entry
+    expected = sparse_layer * 3 * dense_len * per_entry + (num_layers - sparse_layer) * 3 * max(kept_total) * per_entry
     assert batch_cache.stored_bytes() == expected
     assert batch_cache.dense_bytes() == num_layers * 3 * dense_len * per_entry
-    for layer in batch_cache.sparse_layers:  # capacity: the longest row plus at most one block
+    for layer in batch_cache.sparse_layers:
         assert max(kept_total) <= layer.keys.shape[-2] <= max(kept_total) + batch_cache.table.block_size + 1
 
 
-# ---- 5. cache contents after N tokens, and a second user turn ---------------------------------------------------------
+def test_batch_rows_equal_rows_alone(variant, batch_inputs):
+    assert_rows_equal_rows_alone(variant, batch_inputs)
 
 
-def test_sparse_layers_hold_prompt_kept_plus_kept_generated_and_second_turn(calibrated_model):
-    model = calibrated_model
+def test_batch_rows_equal_rows_alone_with_eager_attention(calibrated_model, batch_inputs):
+    model = copy.deepcopy(calibrated_model)
+    model.config._attn_implementation = model.config.text_config._attn_implementation = "eager"
+    assert_rows_equal_rows_alone(model, batch_inputs)
+
+
+# ---- 5. cache contents after N tokens, and a second user turn -----------------------------------------------------
+
+
+def test_sparse_layers_hold_prompt_kept_plus_kept_generated_and_second_turn(variant):
+    model = variant
     inputs = tiny_inputs([(5, 6, 7, 8, 9)])
     prompt_len = inputs["input_ids"].shape[1]
     n = 20
     first = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
     cache = cache_of(first)
-    k = int(16 * model.config.vision_keep_rate)
-    prompt_kept = prompt_len - 16 + k
-    kept_generated = int(cache.output_text_keep[0].sum())
+    prompt_kept = prompt_len - 16 + image_keep_count(model)
+    decisions_first = cache.output_text_keep[0]
+    kept_generated = int(decisions_first.sum()) if model.config.use_output_text_predictor else n - 1
     lengths = cache.kept_lengths()[:, 0]
-    l = model.config.sparse_layer
-    assert lengths[:l].tolist() == [prompt_len + n - 1] * l
-    assert lengths[l:].tolist() == [prompt_kept + kept_generated] * (len(lengths) - l)
+    sparse_layer = model.config.sparse_layer
+    assert lengths[:sparse_layer].tolist() == [prompt_len + n - 1] * sparse_layer
+    assert lengths[sparse_layer:].tolist() == [prompt_kept + kept_generated] * (len(lengths) - sparse_layer)
     assert cache.get_seq_length() == prompt_len + n - 1
-    positions = cache.table.positions[0, : cache.table.lengths[0]]
+    positions = cache.stored_positions()[0]
     assert positions.tolist() == sorted(positions.tolist()) and min(positions.tolist()) >= 0
 
     # second user turn through the returned cache: the chunk (last answer token + new turn) is cached fully
     turn = torch.tensor([[20, 21, 22, 23]])
     ids = torch.cat([first.sequences, turn], dim=-1)
     chunk = ids.shape[1] - cache.get_seq_length()
-    decisions_before = cache.output_text_keep[0].clone()
+    decisions_before = decisions_first.clone()
     second = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-        return_dict_in_generate=True, **{CACHE_KEY: cache},
-    )  # fmt: skip
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        **{CACHE_KEY: cache},
+    )
     cache2 = cache_of(second)
     decisions = cache2.output_text_keep[0]
     assert torch.equal(decisions[: decisions_before.numel()], decisions_before)
-    new_kept = int(decisions[decisions_before.numel() :].sum())
-    assert cache2.kept_lengths()[l:, 0].tolist() == [prompt_kept + kept_generated + chunk + new_kept] * (
-        len(lengths) - l
-    )
+    new_kept = int(decisions[decisions_before.numel() :].sum()) if model.config.use_output_text_predictor else 5
+    expected = [prompt_kept + kept_generated + chunk + new_kept] * (len(lengths) - sparse_layer)
+    assert cache2.kept_lengths()[sparse_layer:, 0].tolist() == expected
     # the continuation equals an uncached run of the same conversation under the same rule
     with torch.no_grad():
         fresh = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
         again = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
             **{CACHE_KEY: cache_of(fresh)},
-        )  # fmt: skip
+        )
     assert torch.equal(again, second.sequences)
 
 
