@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers import __version__ as transformers_version
 from transformers.cache_utils import Cache
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
@@ -45,10 +46,11 @@ from .sparse_training import (
 )
 from .transformers_compat import (
     CACHE_KEY,
-    TRANSFORMERS_MAJOR,
+    GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE,
     decoder_layer_kwargs,
     dense_causal_mask,
     image_features_list,
+    keep_in_fp32_names,
     supported_generation_modes,
 )
 
@@ -70,9 +72,8 @@ LEGACY_KEY_MAPPING = {
     r"^image_score_predictor": "model.image_score_predictor",
     r"^output_text_score_predictor": "model.output_text_score_predictor",
 }
-# the predictors stay float32 and out of bitsandbytes: 4.57 matches single path components, 5.x paths from the root
-_PREDICTORS = ["image_score_predictor", "output_text_score_predictor"]
-_FP32_MODULES = _PREDICTORS if TRANSFORMERS_MAJOR < 5 else [f"model.{name}" for name in _PREDICTORS]
+# the predictors stay float32 and out of bitsandbytes (named as each transformers version matches them)
+_FP32_MODULES = keep_in_fp32_names(["image_score_predictor", "output_text_score_predictor"], parent="model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -898,10 +899,11 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             config = generation_config if generation_config is not None else self.generation_config
             implementation = getattr(config, "cache_implementation", None)
         given = kwargs.get(CACHE_KEY, kwargs.get("past_key_values"))
-        if given is not None and kwargs.get("use_cache") is False and TRANSFORMERS_MAJOR < 5:
+        if given is not None and kwargs.get("use_cache") is False and not GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE:
             raise ValueError(
-                "generate(use_cache=False) with a cache passed in: transformers 4.57's generate() cannot run this "
-                "combination (the stock LLaVA fails too). Pass the cache and leave use_cache on, or drop the cache."
+                f"generate(use_cache=False) with a cache passed in: the generate() of transformers "
+                f"{transformers_version} cannot run this combination (the stock LLaVA fails too). Pass the cache and "
+                "leave use_cache on, or drop the cache."
             )
         if implementation not in SUPPORTED_CACHE_IMPLEMENTATIONS:
             raise ValueError(

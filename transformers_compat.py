@@ -22,6 +22,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 __all__ = [
     "CACHE_KEY",
+    "GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE",
     "PASSES_CACHE_POSITION",
     "TRANSFORMERS_MAJOR",
     "cache_from_output",
@@ -30,6 +31,7 @@ __all__ = [
     "decoder_layer_kwargs",
     "hub_key",
     "image_features_list",
+    "keep_in_fp32_names",
     "lazy_initialization_takes_values",
     "query_length",
     "supported_generation_modes",
@@ -103,6 +105,18 @@ def decoder_layer_kwargs(
     return kwargs
 
 
+def _generate_continues_a_given_cache_without_use_cache() -> bool:
+    """generate(use_cache=False) with a filled cache passed in: the newer generate() slices the inputs by the
+    cache's length (`next_sequence_length`) and runs; 4.57 and 5.0's fail inside with an IndexError (the stock LLaVA
+    too). Goes when the minimum supported version has `next_sequence_length`."""
+    from transformers.generation.utils import GenerationMixin
+
+    return "next_sequence_length" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+
+
+GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE = _generate_continues_a_given_cache_without_use_cache()
+
+
 def query_length(query: Any) -> int:
     """`get_mask_sizes` receives `cache_position` (a tensor) in 4.57 and the query length (an int) in 5.x."""
     return query if isinstance(query, int) else query.shape[0]
@@ -111,6 +125,15 @@ def query_length(query: Any) -> int:
 # 4.57's `DynamicLayer.lazy_initialization(key_states)` takes the keys only; 5.x takes keys and values.
 # Cache layers here accept both (`values` optional). Goes with 4.57.
 lazy_initialization_takes_values = "value_states" in inspect.signature(DynamicLayer.lazy_initialization).parameters
+
+
+def keep_in_fp32_names(names: list[str], parent: str) -> list[str]:
+    """
+    `_keep_in_fp32_modules(_strict)` entries for submodules `names` of the child `parent` of the top model: 4.57
+    matches single path components (and checks them in `post_init`); 5.x matches from the root (bitsandbytes too,
+    `quantizers_utils.should_convert_module`), so a bare name deeper down would be quantized. Goes with 4.57.
+    """
+    return list(names) if TRANSFORMERS_MAJOR < 5 else [f"{parent}.{name}" for name in names]
 
 
 def image_features_list(output: Any) -> list[torch.Tensor]:
