@@ -14,7 +14,22 @@ if TYPE_CHECKING:
     from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
     from ..processor import DynamicLlavaProcessor
 
-__all__ = ["is_hub_id", "load_for_eval", "load_local", "load_processor", "resolve_model"]
+__all__ = [
+    "check_model_folder",
+    "is_hub_id",
+    "load_for_eval",
+    "load_local",
+    "load_model",
+    "load_processor",
+    "model_folder",
+    "resolve_model",
+]
+
+# What a model folder holds (the messages below name it)
+_EXPECTED = (
+    "a Dynamic-LLaVA folder written by `dynamic-llava convert`, `dynamic-llava export` or save_pretrained "
+    "(config.json with model_type dynamic_llava, *.safetensors weights, tokenizer and processor files)"
+)
 
 
 def is_hub_id(name: str) -> bool:
@@ -48,22 +63,79 @@ def resolve_model(name: str, allow_patterns: list[str] | None = None) -> Path:
         raise OSError(f"cannot download {name}: {type(error).__name__}: {error}") from None
 
 
+def check_model_folder(folder: str | os.PathLike, name: str | os.PathLike | None = None) -> Path:
+    """
+    `folder` as a `Path` if it holds a Dynamic-LLaVA model: config.json with model_type `dynamic_llava`, and weights.
+    Otherwise one clear line naming what was expected: `NotADirectoryError` (a file), `FileNotFoundError` (no such
+    folder, no config.json, no weights), `ValueError` (an unreadable config.json, another model type). `name`: how the
+    user called it (default: the folder).
+    """
+    folder = Path(folder).expanduser()
+    name = folder if name is None else name
+    if not folder.exists():
+        raise FileNotFoundError(f"{name} does not exist; pass {_EXPECTED}, or a Hub repository id (owner/name).")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{name} is a file, not a model folder; pass {_EXPECTED}.")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{name} is not a model folder: it has no config.json. Expected {_EXPECTED}.")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{config} is not a JSON object ({error}); expected {_EXPECTED}.") from None
+    if model_type != "dynamic_llava":
+        raise ValueError(
+            f"{name} holds a {model_type!r} model, not dynamic_llava. An original Dynamic-LLaVA checkpoint is "
+            "converted with `dynamic-llava convert`."
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{name} has a config.json but no weights (*.safetensors); expected {_EXPECTED}.")
+    return folder
+
+
+def model_folder(name: str | os.PathLike | None) -> Path:
+    """
+    The checked folder (`check_model_folder`) of `name`: a local folder, a Hub repository id (downloaded, see
+    `resolve_model`), or None for the embedded demo model.
+    """
+    from ..synthetic import DEMO_MODEL
+
+    if name is None:
+        if not (DEMO_MODEL / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"the embedded demo model is missing from {DEMO_MODEL}; reinstall the package or pass --model DIR"
+            )
+        return DEMO_MODEL
+    text = str(name)
+    if Path(text).expanduser().exists() or not is_hub_id(text):
+        return check_model_folder(text)  # a local folder; or says what is wrong and what a model folder is
+    return check_model_folder(resolve_model(text), name)
+
+
+def load_model(
+    folder: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    quantization_config: object | None = None,
+) -> DynamicLlavaForConditionalGeneration:
+    """The model of a checked folder (`model_folder`) with this package's classes, in eval mode. `dtype` None or
+    "auto": the stored dtype; `device_map` and `quantization_config` as in `from_pretrained`."""
+    from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+
+    kwargs: dict = {"dtype": dtype or "auto"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), **kwargs).eval()
+
+
 def load_local(
     model_dir: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[DynamicLlavaForConditionalGeneration, DynamicLlavaProcessor | None]:
     """Model and (if present) processor of a folder, with this package's classes."""
-    from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
-
-    folder = Path(model_dir)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a folder written by save_pretrained/export.")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type != "dynamic_llava":
-        raise ValueError(
-            f"{model_dir} holds a {model_type!r} model, not dynamic_llava. An original Dynamic-LLaVA checkpoint is "
-            "converted with `dynamic-llava convert`."
-        )
-    model = DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or "auto")
+    folder = check_model_folder(model_dir)
+    model = load_model(folder, dtype=dtype)
     return model, load_processor(folder)
 
 
@@ -93,17 +165,19 @@ def load_processor(folder: str | os.PathLike) -> DynamicLlavaProcessor | None:
 
 def load_for_eval(
     model_dir: str | os.PathLike | None,
+    dtype: torch.dtype | str | None = torch.float32,
+    device_map: str | dict | None = None,
+    quantization_config: object | None = None,
 ) -> tuple[DynamicLlavaForConditionalGeneration, DynamicLlavaProcessor]:
-    """(model, processor) of `model_dir` in eval mode, float32; the embedded demo model when it is None."""
-    from ..synthetic import DEMO_MODEL
-
-    if model_dir is None:
-        if not (DEMO_MODEL / "model.safetensors").is_file():
-            raise FileNotFoundError(
-                f"the embedded demo model is missing from {DEMO_MODEL}; reinstall the package or pass --model DIR"
-            )
-        model_dir = str(DEMO_MODEL)
-    model, processor = load_local(model_dir, dtype=torch.float32)
+    """(model, processor) of `model_dir` (a folder or Hub id; None: the embedded demo model) in eval mode, float32
+    unless `dtype` says otherwise ("auto": the stored dtype); `device_map`, `quantization_config` as in
+    `from_pretrained`."""
+    folder = model_folder(model_dir)
+    processor = load_processor(folder)
     if processor is None:
-        raise ValueError(f"{model_dir} has no tokenizer/processor files; pass a folder written by train-synthetic")
-    return model.eval(), processor
+        raise ValueError(
+            f"{model_dir or folder} has no tokenizer/processor files (tokenizer_config.json); pass a folder written by "
+            "train-synthetic or export, or convert with --tokenizer"
+        )
+    model = load_model(folder, dtype=dtype, device_map=device_map, quantization_config=quantization_config)
+    return model, processor

@@ -3,12 +3,11 @@ the model kept: accuracy, vision and output-text keep rates, and how many of the
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
-from ..bench.stock import sparsity_disabled
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..processor import DynamicLlavaProcessor
 from ..sparse_cache import DynamicLlavaCache, cache_from_output
@@ -24,6 +23,11 @@ def first_image_kept(cache: DynamicLlavaCache, row: int) -> list[int]:
     return images[0].tolist() if images else []
 
 
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (at least 1), got {value!r}")
+
+
 def evaluate_synthetic(
     model: DynamicLlavaForConditionalGeneration,
     processor: DynamicLlavaProcessor,
@@ -32,19 +36,50 @@ def evaluate_synthetic(
     no_sparsity: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 25,
+    vision_keep_tokens: int | None = None,
+    vision_keep_rate: float | None = None,
+    use_vision_predictor: bool | None = None,
+    use_output_text_predictor: bool | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall."""
+    """
+    Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall.
+
+    The sparsity of the run is passed to each `generate()` call (the model's config is not changed):
+    `vision_keep_tokens`, `vision_keep_rate`, `use_vision_predictor`, `use_output_text_predictor` (None: the
+    config's); `no_sparsity` turns both predictors off. `generate_kwargs` go to `generate()` as well (sampling,
+    beams). `progress`: a progress bar (tqdm, to stderr) over the questions.
+    """
+    _check_count("n (the number of questions)", n)
+    _check_count("batch_size", batch_size)
+    _check_count("max_new_tokens", max_new_tokens)
+    if no_sparsity:
+        if use_vision_predictor or use_output_text_predictor:
+            raise ValueError("no_sparsity=True turns both predictors off; do not also turn one on")
+        use_vision_predictor = use_output_text_predictor = False
+    sparsity = {
+        "vision_keep_tokens": vision_keep_tokens,
+        "vision_keep_rate": vision_keep_rate,
+        "use_vision_predictor": use_vision_predictor,
+        "use_output_text_predictor": use_output_text_predictor,
+    }
+    sparsity = {key: value for key, value in sparsity.items() if value is not None}
+    # validated up front, as generate() would (one clear ValueError before any question runs)
+    settings = model.config.sparsity_settings(**sparsity)
+    kwargs = {"do_sample": False, **(generate_kwargs or {}), **sparsity}
     config = model.config
     tokenizer = processor.tokenizer
     correct = kept_text = scored_text = covered = object_total = kept_vision = vision_total = 0
-    with sparsity_disabled(model) if no_sparsity else contextlib.nullcontext():
+    bar = logging.tqdm(total=n, unit="question", desc="evaluate", disable=not progress, leave=False)
+    try:
         for first in range(0, n, batch_size):
             samples = [make_sample(sample_rng(seed, i), IMAGE_SIZE) for i in range(first, min(n, first + batch_size))]
-            inputs = prompt_inputs(processor, samples)
+            inputs = prompt_inputs(processor, samples).to(model.device)
+            if torch.is_floating_point(inputs["pixel_values"]):
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.no_grad():
-                out = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
-                )
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **kwargs)
             cache = cache_from_output(out)
             texts = tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for row, (sample, text) in enumerate(zip(samples, texts, strict=True)):
@@ -58,11 +93,15 @@ def evaluate_synthetic(
                 decisions = cache.output_text_keep[row]
                 kept_text += int(decisions.sum())
                 scored_text += decisions.numel()
+            bar.update(len(samples))
+    finally:
+        bar.close()
     return {
         "task": "synthetic",
         "n": n,
         "seed": seed,
-        "sparsity": not no_sparsity,
+        "sparsity": settings.enabled,
+        "settings": sparsity,
         "accuracy": correct / n,
         "correct": correct,
         "vision_keep_rate": kept_vision / vision_total,

@@ -1,10 +1,11 @@
-"""A picture of which vision patches the image predictor kept, written without overwriting anything."""
+"""A picture of which vision patches the image predictor kept (one row per image), written without overwriting
+anything."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -42,9 +43,28 @@ def kept_patches_image(image: Image.Image, kept: Iterable[int], grid: int, scale
     return out
 
 
+def stack_pictures(pictures: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    """`pictures` one under the other (left-aligned, `gap` white pixels between): one picture for several images."""
+    if not pictures:
+        raise ValueError("no pictures to stack")
+    if len(pictures) == 1:
+        return pictures[0]
+    width = max(p.width for p in pictures)
+    height = sum(p.height for p in pictures) + gap * (len(pictures) - 1)
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    top = 0
+    for picture in pictures:
+        out.paste(picture.convert("RGB"), (0, top))
+        top += picture.height + gap
+    return out
+
+
 def save_png(picture: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG at `path`, or at the first free name beside it (`kept_patches-1.png`, ...): never replaces a file.
     Atomic (`files.atomic_write_bytes`). Returns the path written."""
+    if Path(path).is_dir():
+        example = Path(path) / "kept_patches.png"
+        raise IsADirectoryError(f"{path} is a directory; pass a PNG file path such as {example}")
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue(), overwrite=False)
