@@ -757,10 +757,23 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, also reading exports of dynamic-llava 0.1 (predictors at the top)."""
-        base = dict(getattr(cls, "_checkpoint_conversion_mapping", None) or {})
-        kwargs["key_mapping"] = {**base, **LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        return super().from_pretrained(*args, **kwargs)
+        """
+        `PreTrainedModel.from_pretrained`, also reading exports of dynamic-llava 0.1 (predictors at the top of the
+        state dict): those load a second time with the keys moved, and save in the current layout afterwards.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if any(key.startswith(tuple(p[1:] + "." for p in LEGACY_KEY_MAPPING)) for key in info["unexpected_keys"]):
+            logger.warning_once(
+                "This folder was exported by dynamic-llava 0.1 (predictor weights at the top of the state dict); "
+                "they are loaded under model.* . Re-export it (dynamic-llava export) to store the current layout."
+            )
+            base = dict(getattr(cls, "_checkpoint_conversion_mapping", None) or {})
+            kwargs["key_mapping"] = {**base, **LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            if getattr(model, "_weight_conversions", None) is not None:
+                model._weight_conversions = None  # (5.x would save the old layout back, reversing the renames)
+        return (model, info) if wants_info else model
 
     @property
     def image_score_predictor(self) -> ImageScorePredictor:
