@@ -401,11 +401,12 @@ import dynamic_llava
 report["package_heavy"] = heavy()
 before = set(sys.modules)
 from dynamic_llava.cli import main
-for command in [None] + sys.argv[2:]:
+for command in [None, *sys.argv[2:], "serve"]:
     try:
-        main(([command] if command else []) + ["--help"])
+        code = main(([command] if command else []) + ["--help"])  # serve returns its server's code
     except SystemExit as exit_:
-        report.setdefault("exit", {})[command or ""] = exit_.code
+        code = exit_.code
+    report.setdefault("exit", {})[command or ""] = code
 report["cli_added_heavy"] = sorted(
     m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "transformers")
 )
@@ -430,8 +431,8 @@ def help_report():
 def test_every_help_answers_without_loading_torch_or_transformers(help_report):
     report, out = help_report
     assert report["isolated_exit"] == {command: 0 for command in SUBCOMMANDS}
-    assert report["exit"] == {command: 0 for command in ["", *SUBCOMMANDS]}
-    for command in SUBCOMMANDS:
+    assert report["exit"] == {command: 0 for command in ["", *SUBCOMMANDS, "serve"]}
+    for command in [*SUBCOMMANDS, "serve"]:
         assert f"usage: dynamic-llava {command}" in out
     assert report["isolated_heavy"] == []  # cli.py imports them inside the commands only
     assert report["cli_added_heavy"] == []
