@@ -135,3 +135,61 @@ def test_sharded_export_loads_back(exported, tmp_path):
     assert not any(info.values()), info
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# ---- the folder the package ships: the embedded demo model -----------------------------------------------------------
+
+
+def test_shipped_demo_folder_is_a_complete_current_hub_folder():
+    """Every folder the package ships loads with the stock Auto classes: the demo folder holds the remote code, and
+    that code is today's (re-export it with `dynamic-llava export` after changing a remote-code file)."""
+    from dynamic_llava.hub.folder import CODE_FILES
+    from dynamic_llava.synthetic import DEMO_MODEL
+
+    for name, source in CODE_FILES.items():
+        shipped = DEMO_MODEL / name
+        assert shipped.is_file(), f"{name} is missing from the demo folder"
+        assert shipped.read_bytes() == source.read_bytes(), f"{name} in the demo folder is stale: re-export it"
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        assert "AutoProcessor" in json.loads((DEMO_MODEL / name).read_text()).get("auto_map", {}), name
+
+
+@pytest.mark.slow
+def test_shipped_demo_folder_loads_with_the_stock_auto_classes_in_a_fresh_process(tmp_path):
+    import random
+
+    from dynamic_llava.hub.loading import load_for_eval
+    from dynamic_llava.synthetic import DEMO_MODEL, IMAGE_SIZE
+    from dynamic_llava.synthetic.task import make_sample, vicuna_prompt
+
+    sample = make_sample(random.Random(3), IMAGE_SIZE)
+    sample["image"].save(tmp_path / "shape.png")
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import json, sys\n"
+        "sys.modules['dynamic_llava'] = None\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        f"folder, image = {str(DEMO_MODEL)!r}, {str(tmp_path / 'shape.png')!r}\n"
+        f"prompt = {vicuna_prompt(sample['question'])!r}\n"
+        "processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)\n"
+        "model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)\n"
+        "inputs = processor(images=Image.open(image), text=prompt, return_tensors='pt')\n"
+        "out = model.generate(**inputs, max_new_tokens=12, do_sample=False)\n"
+        "print('RESULT ' + json.dumps([type(processor).__name__, out[0, inputs['input_ids'].shape[1]:].tolist()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    processor_class, tokens = json.loads(run.stdout.split("RESULT ", 1)[1])
+    assert processor_class == "DynamicLlavaProcessor"
+    model, processor = load_for_eval(None)
+    inputs = processor(images=sample["image"], text=vicuna_prompt(sample["question"]), return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert tokens == expected[0, inputs["input_ids"].shape[1] :].tolist()
