@@ -32,6 +32,8 @@ CODE_FILES = {
 }
 MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_dynamic_llava.DynamicLlavaConfig",
+    # generic harnesses load with AutoModel (lmms-eval's `--model huggingface` always does): the generation class
+    "AutoModel": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
     "AutoModelForVision2Seq": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
 }

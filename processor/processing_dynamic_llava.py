@@ -90,6 +90,11 @@ def _normalize_message(message: Any) -> Any:
     return message
 
 
+def _is_empty(value: Any) -> bool:
+    """An empty list/tuple (possibly nested: one empty list per row)."""
+    return isinstance(value, (list, tuple)) and all(_is_empty(item) for item in value)
+
+
 class DynamicLlavaProcessor(LlavaProcessor):
     r"""
     Dynamic-LLaVA processor: a [`DynamicLlavaImageProcessor`] (LLaVA-1.5 pad-to-square + CLIP) and a LLaMA
@@ -162,6 +167,15 @@ class DynamicLlavaProcessor(LlavaProcessor):
         `images`: a PIL image, numpy array / torch tensor, path or URL, or a (nested) list of them; one image per
         `<image>` in the text, in order. Returns `input_ids`, `attention_mask` and `pixel_values`.
         """
+        # Callers built for audio/video models pass empty media lists (lmms-eval's generic model calls
+        # `processor(..., videos=[], audios=[])`, and transformers 5.x rejects the old `audios` key): drop empty
+        # ones, refuse real ones (this model reads images and text only).
+        media = {"audio": audio, "videos": videos, "audios": kwargs.pop("audios", None)}
+        given = [name for name, value in media.items() if value is not None and not _is_empty(value)]
+        if given:
+            raise ValueError(
+                f"Dynamic-LLaVA reads images and text only; got {', '.join(given)}. Pass `images` and `text`."
+            )
         if images is None and text is None:
             raise ValueError("Nothing to process: pass `text` (a prompt with one '<image>' per image) and `images`.")
 
