@@ -36,12 +36,16 @@ def export_model(
     dtype: torch.dtype | None = None,
     base_model: str | None = None,
     repo_id: str = "REPO_ID",
+    about: str | None = None,
+    results: str | None = None,
 ) -> Path:
     """
     Write `model` (a `DynamicLlavaForConditionalGeneration` or a folder) and its processor as a Hub-ready folder:
     config.json with auto_map, sharded safetensors in the layout both transformers majors load, the flat
     remote-code files, generation config, processor/tokenizer files with the chat template, model card, notebook.
     Atomic: a temporary folder is renamed into place; a non-empty `out` is refused unless `overwrite`.
+    `about` and `results` (markdown) describe this model and its own measured numbers on the card
+    (`hub.model_card.write_model_card`).
     """
     if isinstance(model, (str, Path)):
         model, loaded_processor = load_local(str(model), dtype=dtype)
@@ -55,5 +59,13 @@ def export_model(
         model.generation_config.save_pretrained(tmp)
         if processor is not None:
             write_processor_files(processor.image_processor, processor.tokenizer, config, tmp)
-        write_model_card(tmp, config, base_model=base_model, has_tokenizer=processor is not None, repo_id=repo_id)
+        write_model_card(
+            tmp,
+            config,
+            base_model=base_model,
+            has_tokenizer=processor is not None,
+            repo_id=repo_id,
+            about=about,
+            results=results,
+        )
     return Path(out)

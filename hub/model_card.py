@@ -28,6 +28,13 @@ NO_TOKENIZER = (
     "`dynamic-llava convert --tokenizer`.\n"
 )
 
+# released original checkpoints whose cards may carry the authors' figures (a converted copy of one of them)
+RELEASED_CHECKPOINTS = ("Osilly/Dynamic-LLaVA-7B", "Osilly/Dynamic-LLaVA-13B")
+
+NOT_MEASURED = """No evaluation results were recorded for this model. The figures the Dynamic-LLaVA paper reports are
+for the authors' released 7B/13B checkpoints and do not describe it. Measure it with `dynamic-llava evaluate`, or
+with lmms-eval (`lmms-eval --model dynamic_llava --model_args pretrained=<this folder>`)."""
+
 
 def write_model_card(
     folder: str | os.PathLike,
@@ -35,8 +42,19 @@ def write_model_card(
     base_model: str | None = None,
     has_tokenizer: bool = True,
     repo_id: str = "REPO_ID",
+    about: str | None = None,
+    results: str | None = None,
 ) -> None:
-    """The model card (README.md with Hub metadata) and `example.ipynb` of a Hub folder."""
+    """
+    The model card (README.md with Hub metadata) and `example.ipynb` of a Hub folder.
+
+    Args:
+        base_model: the Hub id the folder was converted from. The authors' published figures appear, attributed,
+            only on cards of converted released checkpoints (`RELEASED_CHECKPOINTS`).
+        about: what this model is (markdown), e.g. how it was trained and what it knows.
+        results: its own measured results (markdown, with the command that measured them). Without them the card
+            says that none were recorded.
+    """
     folder = Path(folder)
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
     if base_model:
@@ -51,13 +69,29 @@ def write_model_card(
         "---",
         "",
     ]
-    k = int(config.image_seq_length * config.vision_keep_rate)
+    tokens = config.tokens_per_image or config.image_seq_length
+    k = config.vision_keep_tokens or int(tokens * config.vision_keep_rate)
+    converted = base_model in RELEASED_CHECKPOINTS
+    if about is None:
+        about = (
+            f"Converted from the original checkpoint `{base_model}` by `dynamic-llava convert`."
+            if base_model
+            else "Exported by `dynamic-llava export`."
+        )
+    if results is None:
+        results = (
+            f"Not measured by this package. The authors' published figures for this checkpoint:\n\n{PUBLISHED}"
+            if converted
+            else NOT_MEASURED
+        )
     body = f"""# Dynamic-LLaVA ({config.text_config.num_hidden_layers} layers, hidden {config.text_config.hidden_size})
 
 Dynamic-LLaVA prunes vision tokens at prefill with a learned image predictor and, while decoding, lets a learned
 output-text predictor decide which generated tokens' keys/values enter the KV cache. This folder is a
 `trust_remote_code` transformers model made by the `dynamic-llava` package; it runs in the stock `generate()`
 and `pipeline()` on transformers 4.57.x and 5.x.
+
+{about}
 {"" if has_tokenizer else NO_TOKENIZER}
 ## Usage
 
@@ -66,7 +100,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 repo = "{repo_id}"
-model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype=torch.float16)
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype="auto")
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 messages = [{{"role": "user", "content": [{{"type": "image", "url": "image.png"}},
                                         {{"type": "text", "text": "What is in this picture?"}}]}}]
@@ -77,26 +111,36 @@ print(processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_spe
 cache = out.cache if hasattr(out, "cache") else out.past_key_values
 print(cache.sparsity_report())
 
+# one loaded model, several budgets: per-call sparsity
+out = model.generate(**inputs, max_new_tokens=64, vision_keep_tokens=64)
+
 pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
 print(pipe(text=messages, max_new_tokens=64))
 ```
+
+Serve it behind an OpenAI-compatible endpoint (transformers' own server, with this model registered; `pip install
+"dynamic-llava[serve]"`): `dynamic-llava serve {repo_id}`. Evaluate it with lmms-eval (`pip install
+"dynamic-llava[eval]"`): `lmms-eval --model dynamic_llava --model_args pretrained={repo_id},vision_keep_tokens=128
+--tasks ...`.
 
 ## Sparsity settings
 
 | field | value |
 |---|---|
 | `sparse_layer` | {config.sparse_layer} |
-| `vision_keep_rate` | {config.vision_keep_rate} ({k} of {config.image_seq_length} image tokens kept per image) |
+| `vision_keep_rate` | {config.vision_keep_rate} |
+| `vision_keep_tokens` | {config.vision_keep_tokens} (wins over the rate when set; {k} of {tokens} kept per image) |
 | `use_vision_predictor` | {config.use_vision_predictor} |
 | `use_output_text_predictor` | {config.use_output_text_predictor} (keep a generated token iff logit0 > logit1) |
 | `output_text_keep_rate` | {config.output_text_keep_rate} (training target) |
 
-Load with `use_vision_predictor=False, use_output_text_predictor=False` to compute exactly what the stock LLaVA
-computes on the same weights.
+Any of `vision_keep_tokens`, `vision_keep_rate`, `use_vision_predictor`, `use_output_text_predictor` can be given
+to `generate()` per call. With both predictors off the model computes exactly what the stock LLaVA computes on the
+same weights.
 
-## Published results
+## Results
 
-{PUBLISHED}
+{results}
 
 See `example.ipynb` beside this card for a walk-through that plots which image patches were kept.
 """
