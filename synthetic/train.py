@@ -226,11 +226,12 @@ def pretrain_vision_tower(
             )
 
 
-SYNTHETIC_ABOUT = """A small Dynamic-LLaVA trained from scratch by `dynamic-llava train-synthetic` on the package's
-synthetic shapes task: 64 x 64 images holding one shape (circle, square, triangle or cross) in one of eight colours, in one
-cell of a 3 x 3 grid on a textured background; it answers questions about the shape's colour, kind and position
-with a 60-word answer. A 4-layer, hidden-128 LLaMA language model, a 4-layer CLIP tower and the two predictors
-(1.3 M parameters). It knows nothing else: it is a demonstration of the method, not a general model."""
+SYNTHETIC_ABOUT = """A small Dynamic-LLaVA trained from scratch by `dynamic-llava train-synthetic` on the
+package's synthetic shapes task: 64 x 64 images holding one shape (circle, square, triangle or cross) in one of
+eight colours, in one cell of a 3 x 3 grid on a textured background; it answers questions about the shape's colour,
+kind and position with a 60-word answer. A 4-layer, hidden-128 LLaMA language model, a 4-layer CLIP tower and the
+two predictors (1.3 M parameters). It knows nothing else: it is a demonstration of the method, not a general
+model."""
 
 
 def train_synthetic(
