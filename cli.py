@@ -699,14 +699,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-# bench flags that go to run_bench when its signature has the parameter: parameter -> flag
+# bench flags that go to run_bench when its signature has the parameter: flag -> the parameter's names (first found)
 _BENCH_OPTIONAL = {
-    "memory_budget": "--memory-budget",
-    "compile": "--compile",
-    "batch_sizes": "--batch-sizes",
-    "vision_keep_tokens": "--vision-keep-tokens",
-    "vision_keep_rate": "--vision-keep-rate",
-    "use_output_text_predictor": "--no-output-text-predictor",
+    "--memory-budget": ("memory_budget_gb", "memory_budget"),
+    "--compile": ("compiled", "compile"),
+    "--batch-sizes": ("throughput_batches", "batch_sizes"),
+    "--vision-keep-tokens": ("vision_keep_tokens",),
+    "--vision-keep-rate": ("vision_keep_rate",),
+    "--no-output-text-predictor": ("use_output_text_predictor",),
 }
 
 
@@ -727,21 +727,22 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.run import format_table, run_bench
 
     values = {
-        "memory_budget": args.memory_budget,
-        "compile": True if args.compile else None,
-        "batch_sizes": args.batch_sizes,
-        "vision_keep_tokens": args.vision_keep_tokens,
-        "vision_keep_rate": args.vision_keep_rate,
-        "use_output_text_predictor": False if args.no_output_text_predictor else None,
+        "--memory-budget": args.memory_budget,
+        "--compile": True if args.compile else None,
+        "--batch-sizes": args.batch_sizes,
+        "--vision-keep-tokens": args.vision_keep_tokens,
+        "--vision-keep-rate": args.vision_keep_rate,
+        "--no-output-text-predictor": False if args.no_output_text_predictor else None,
     }
     accepted = inspect.signature(run_bench).parameters
     extra = {}
-    for name, value in values.items():
+    for flag, value in values.items():
         if value is None:
             continue
-        if name not in accepted:
-            raise UsageError(f"{_BENCH_OPTIONAL[name]} is not supported by this version of the bench")
-        extra[name] = value
+        names = [name for name in _BENCH_OPTIONAL[flag] if name in accepted]
+        if not names:
+            raise UsageError(f"{flag} is not supported by this version of the bench")
+        extra[names[0]] = value
     results = run_bench(
         model=args.model,
         preset=args.preset or "llava15-cpu",
@@ -999,7 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="a Dynamic-LLaVA folder (default: a random model of --preset)")
     bench.add_argument("--preset", choices=["llava15-cpu", "llava15-7b"], help="default llava15-cpu")
     bench.add_argument("--batch-size", type=_positive_int, default=1)
-    bench.add_argument("--batch-sizes", type=_int_list, metavar="B1,B2,...", help="batch sizes of the throughput runs")
+    bench.add_argument(
+        "--batch-sizes", type=_int_list, metavar="B1,B2,...", help="batch sizes of the tokens/s runs (e.g. 1,8,32)"
+    )
     bench.add_argument("--new-tokens", type=_positive_int, default=512)
     bench.add_argument(
         "--throughput-tokens", type=_positive_int, default=64, help="new tokens of the batch-1/8 throughput runs"
@@ -1007,8 +1010,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     bench.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per measure (median; default 3)")
-    bench.add_argument("--memory-budget", type=_positive_float, metavar="GB", help="device memory budget in GB")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
+    bench.add_argument(
+        "--memory-budget",
+        type=_positive_float,
+        metavar="GB",
+        help="find the largest batch whose memory footprint fits in GB, ours and stock",
+    )
+    bench.add_argument(
+        "--compile", action="store_true", help="also run both models compiled, with static caches (default: CUDA only)"
+    )
     bench.add_argument("--vision-keep-tokens", type=_positive_int, metavar="K", help="image tokens kept per image")
     bench.add_argument("--vision-keep-rate", type=_rate, metavar="R", help="fraction of each image's tokens kept")
     bench.add_argument("--no-output-text-predictor", action="store_true", help="cache every generated token")
