@@ -1,21 +1,15 @@
 """dynamic_llava: Dynamic-LLaVA as a transformers model (installed-package entry point).
 
-The files beside this one are also the Hub remote-code files; this `__init__` is not shipped to the Hub. It
-registers the model with the Auto classes so that an installed package loads exported folders without
-`trust_remote_code`.
+The files beside this one are also the Hub remote-code files; this `__init__` is not shipped to the Hub. Importing
+the package is cheap (torch and transformers load on first use, so `dynamic-llava --help` answers at once). The
+first access to a model or config class registers them with the transformers Auto classes, so the installed package
+then loads exported folders without `trust_remote_code`; `register_auto_classes()` does that explicitly.
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+from __future__ import annotations
 
-from .configuration_dynamic_llava import DynamicLlavaConfig
-from .modeling_dynamic_llava import (
-    DynamicLlavaCausalLMOutput,
-    DynamicLlavaForConditionalGeneration,
-    DynamicLlavaModel,
-    DynamicLlavaModelOutput,
-)
-from .sparse_cache import DynamicLlavaCache, DynamicLlavaStaticCache, SparseLayer
-from .transformers_compat import cache_from_output
+import importlib
+from typing import Any
 
 __all__ = [
     "DynamicLlavaConfig",
@@ -27,7 +21,47 @@ __all__ = [
     "DynamicLlavaStaticCache",
     "SparseLayer",
     "cache_from_output",
+    "register_auto_classes",
 ]
 
-AutoConfig.register("dynamic_llava", DynamicLlavaConfig, exist_ok=True)
-AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
+_EXPORTS = {
+    "DynamicLlavaConfig": "configuration_dynamic_llava",
+    "DynamicLlavaForConditionalGeneration": "modeling_dynamic_llava",
+    "DynamicLlavaCausalLMOutput": "modeling_dynamic_llava",
+    "DynamicLlavaModel": "modeling_dynamic_llava",
+    "DynamicLlavaModelOutput": "modeling_dynamic_llava",
+    "DynamicLlavaCache": "sparse_cache",
+    "DynamicLlavaStaticCache": "sparse_cache",
+    "SparseLayer": "sparse_cache",
+    "cache_from_output": "transformers_compat",
+}
+_registered = False
+
+
+def register_auto_classes() -> None:
+    """Register the config and model with `AutoConfig` and `AutoModelForImageTextToText` (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .configuration_dynamic_llava import DynamicLlavaConfig
+    from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+
+    AutoConfig.register("dynamic_llava", DynamicLlavaConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
+    _registered = True
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynamic_llava' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    register_auto_classes()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -826,13 +826,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synthetic_data(args: argparse.Namespace) -> int:
-    import inspect
 
     _check_out_folder("--out", args.out)
     from .synthetic.train import write_synthetic_dataset
 
-    progress = {"progress": True} if "progress" in inspect.signature(write_synthetic_dataset).parameters else {}
-    folder = write_synthetic_dataset(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite, **progress)
+    folder = write_synthetic_dataset(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite, progress=True)
     print(f"wrote {args.n} samples: --data {folder / 'data.json'} --images {folder / 'images'}")
     return 0
 

@@ -259,6 +259,13 @@ class DynamicLlavaModel(LlavaModel):
                 "layer. Call model.eval() to decode with a cache."
             )
         images = None
+        if pixel_values is None and input_ids is not None and input_ids.shape[1] > 1:
+            count = int((input_ids == self.config.image_token_id).sum())  # (prompt chunks only: one host read)
+            if count:
+                raise ValueError(
+                    f"The input holds {count} image tokens but no pixel_values: pass the images of this chunk "
+                    "(the processor's pixel_values), or remove the <image> placeholders."
+                )
         if pixel_values is not None:
             image_token_mask = self._image_token_mask(input_ids, inputs_embeds)
             if output_text_start is not None and cache is None:
@@ -998,6 +1005,18 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
+        """The stock inputs, plus the images of a chunk that holds image tokens on a later turn: transformers 4.57
+        forwards `pixel_values` only when the cache is empty (5.x on the first step of every call). Goes with 4.57."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("pixel_values") is None and kwargs.get("pixel_values") is not None:
+            ids = inputs.get("input_ids")
+            if ids is not None and ids.shape[1] > 1 and bool((ids == self.config.image_token_id).any()):
+                inputs["pixel_values"] = kwargs["pixel_values"]
+                if kwargs.get("image_sizes") is not None:
+                    inputs["image_sizes"] = kwargs["image_sizes"]
+        return inputs
 
     def create_masks_for_generate(self, *args: Any, **kwargs: Any):
         """generate() asks compilable caches for a static-shape mask: ours reads padding from its position tags, so

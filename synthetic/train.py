@@ -107,18 +107,22 @@ def encode_sample(
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
 
 
-def write_synthetic_dataset(out: str | os.PathLike, n: int, seed: int = 0, overwrite: bool = False) -> Path:
+def write_synthetic_dataset(
+    out: str | os.PathLike, n: int, seed: int = 0, overwrite: bool = False, progress: bool = False
+) -> Path:
     """
     Write `n` synthetic samples as LLaVA conversation data: `out/data.json` (the format `dynamic-llava train` reads)
     and `out/images/{i}.png` (64 x 64). Sample i is the same as sample i of the train-synthetic stream of `seed`.
-    Atomic; a non-empty `out` is refused unless `overwrite`.
+    Atomic; a non-empty `out` is refused unless `overwrite`. `progress`: a tqdm bar on stderr.
     """
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         records = []
-        for index in range(n):
+        from tqdm.auto import tqdm
+
+        for index in tqdm(range(n), desc="synthetic samples", disable=not progress):
             sample = make_sample(sample_rng(seed, index), IMAGE_SIZE)
             sample["image"].save(tmp / "images" / f"{index}.png")
             records.append(

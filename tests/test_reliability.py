@@ -340,3 +340,37 @@ def test_item15_attention_mask_of_the_wrong_shape_is_a_clear_error(calibrated_mo
     inputs = tiny_inputs([(5, 6, 7, 8, 9)])
     with pytest.raises(ValueError, match="attention_mask has shape"):
         calibrated_model(**dict(inputs, attention_mask=torch.ones(shape, dtype=torch.long)))
+
+
+# ---- 16. an image in a later turn, through the returned cache ------------------------------------------------------
+
+
+def test_item16_a_later_turns_image_reaches_the_model_through_generate(calibrated_model):
+    """transformers 4.57's generate() forwards pixel_values only while the cache is empty: a second turn's image was
+    silently embedded as plain <image> tokens. Now it is encoded (and pruned) like the first turn's."""
+    inputs = tiny_inputs([(5, 6, 7)], seed=8)
+    g = torch.Generator().manual_seed(9)
+    second_image = torch.randn(1, 3, 32, 32, generator=g)
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, use_output_text_predictor=False)
+    first = calibrated_model.generate(**inputs, **kwargs)
+    turn = torch.tensor([[1, 9] + [IMAGE_TOKEN_ID] * 16 + [10]])
+    ids = torch.cat([first.sequences, turn], dim=-1)
+    cache = cache_from_output(first)
+    second = calibrated_model.generate(input_ids=ids, pixel_values=second_image, **kwargs, **{CACHE_KEY: cache})
+    assert [len(images) for images in cache_from_output(second).kept_vision_indices] == [2]
+    # the same conversation in one go (no output-text pruning: the answers are all in both caches)
+    both = torch.cat([inputs["pixel_values"], second_image])
+    fresh = calibrated_model.generate(input_ids=ids, pixel_values=both, **kwargs)
+    assert torch.equal(second.sequences, fresh.sequences)
+    kept_fresh = cache_from_output(fresh).kept_vision_indices[0]
+    assert all(
+        torch.equal(a, b) for a, b in zip(cache_from_output(second).kept_vision_indices[0], kept_fresh, strict=True)
+    )
+
+
+def test_item16_image_tokens_without_pixel_values_are_a_clear_error(calibrated_model):
+    inputs = tiny_inputs([(5, 6, 7)])
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        calibrated_model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        calibrated_model.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
