@@ -49,15 +49,18 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # what transformers 5.5+ serves when a request se
 
 def register_auto_classes() -> None:
     """
-    Register the installed package's processor classes with the Auto classes (transformers' public `register`;
-    `import dynamic_llava` registers the config and the model). A folder then loads without `--trust-remote-code`
-    (with the installed code) and a folder without `auto_map` loads at all; with the flag, `AutoProcessor` takes the
-    folder's code files.
+    Register the installed package's classes with the Auto classes (transformers' public `register`): the config and
+    the model (`dynamic_llava.register_auto_classes`), and the processors. A folder then loads without
+    `--trust-remote-code` (with the installed code) and a folder without `auto_map` loads at all; with the flag,
+    `AutoProcessor` takes the folder's code files.
     """
     from transformers import AutoImageProcessor, AutoProcessor
 
-    from .. import DynamicLlavaConfig
+    from .. import register_auto_classes as register_model_classes
+    from ..configuration_dynamic_llava import DynamicLlavaConfig
     from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
+
+    register_model_classes()  # AutoConfig and AutoModelForImageTextToText
 
     AutoProcessor.register(DynamicLlavaConfig, DynamicLlavaProcessor, exist_ok=True)
     if "slow_image_processor_class" in inspect.signature(AutoImageProcessor.register).parameters:  # 4.57

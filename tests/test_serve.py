@@ -263,3 +263,16 @@ def test_compile_refused_help_and_not_a_model(tmp_path, capsys):
     assert "holds a 'llava' model, not dynamic_llava" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--port", str(free_port())]) == 2
     assert "cannot read the config" in capsys.readouterr().err
+
+
+def test_flags_are_parsed_before_torch_and_transformers_load():
+    code = (
+        "import sys\n"
+        "from dynamic_llava.serving import main\n"
+        "codes = [main(['--help']), main(['x', '--continuous-batching']), main(['x', '--compile'])]\n"
+        "assert codes == [0, 2, 2], codes\n"
+        "heavy = [name for name in ('torch', 'transformers') if name in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
