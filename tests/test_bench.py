@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from dynamic_llava.bench.accounting import cache_bytes, layer_flops, per_layer_flops
-from dynamic_llava.bench.run import run_bench
+from dynamic_llava.bench.memory import estimate_largest_batch, search_largest_batch
+from dynamic_llava.bench.run import bench_inputs, format_table, run_bench
 from dynamic_llava.bench.stock import stock_llava
 from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
 
@@ -108,3 +109,79 @@ def test_bench_command_writes_results_and_plots(tmp_path):
     assert results["prefill_llm_flops_floor_ratio"] == (2 * llama_layer(n, n) + 2 * llama_layer(kept, kept)) / stock_llm
     assert (tmp_path / "kv_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "prefill_flops_by_layer.png").exists()
+
+
+def test_bench_reports_every_new_measure_on_a_tiny_model(caplog):
+    """The keys of TTFT, the ragged decode batch, tokens/s per batch, ops and syncs per step, memory per run and
+    the budget, with the per-call sparsity options (no timing asserted)."""
+    model = tiny_model(0)
+    results = run_bench(
+        model=model,
+        new_tokens=3,
+        repeats=1,
+        throughput_batches=(1, 2),
+        throughput_tokens=2,
+        decode_batch=2,
+        count_steps=2,
+        memory_budget_gb=1,
+        vision_keep_tokens=2,
+        progress=False,
+    )
+    for key in (
+        "time_to_first_token_ratio",
+        "decode_time_per_token_ratio",
+        "batch2_decode_time_per_token_ratio",
+        "batch2_time_to_first_token_ratio",
+        "batch1_tokens_per_s_ratio",
+        "batch2_tokens_per_s_ratio",
+        "batch1_aten_ops_per_step_ratio",
+        "batch2_aten_ops_per_step_ratio",
+        "batch1_host_syncs_per_step_extra",
+        "batch2_host_syncs_per_step_extra",
+        "decode_batch1_footprint_ratio",
+        "decode_batch2_footprint_ratio",
+        "throughput_batch2_footprint_ratio",
+        "peak_rss_ours_bytes",
+        "memory_budget_method",
+        "max_batch_ours",
+        "max_batch_stock",
+        "kv_bytes_floor_ratio",
+        "prefill_llm_flops_floor_ratio",
+        "overhead_decode_time_ratio",
+    ):
+        assert key in results, key
+    assert results["vision_keep_rate"] == 2 / 16  # the per-call budget, not the config's 0.25
+    assert results["sparsity"] == {"vision_keep_tokens": 2}
+    assert results["ragged_rows"] is True and "compiled_decode_time_per_token_ratio" not in results
+    memory = results["memory"]["decode_batch2"]
+    assert memory["ours"]["footprint_bytes"] >= results["weight_bytes_ours"] > results["weight_bytes_stock"]
+    assert any("repeats=1" in r.getMessage() for r in caplog.records)  # too few repeats for stable timings
+    table = format_table(results)
+    assert "| time to first token, batch 1 |" in table and "largest batch in 1 GiB" in table
+    assert json.dumps(results, default=float)
+
+
+def test_ragged_bench_inputs_are_left_padded_rows_of_different_lengths():
+    model = tiny_model(0)
+    inputs = bench_inputs(model, 3, ragged=True)
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    assert lengths[0] == inputs["input_ids"].shape[1] and lengths == [lengths[0] - 3 * i for i in range(3)]
+    for row, n in enumerate(lengths):
+        assert (inputs["attention_mask"][row, -n:] == 1).all() and (inputs["input_ids"][row, :-n] == 0).all()
+        assert int((inputs["input_ids"][row] == model.config.image_token_id).sum()) == 16
+
+
+def test_memory_budget_search_and_estimate():
+    footprints = []
+
+    def footprint(batch):  # 10 bytes of weights, 3 per row; out of memory from 50 rows on
+        footprints.append(batch)
+        return None if batch >= 50 else 10 + 3 * batch
+
+    assert search_largest_batch(footprint, 100)[0] == 30  # 10 + 3 * 30 = 100
+    assert search_largest_batch(footprint, 1000)[0] == 49  # the out-of-memory probes do not fit
+    assert search_largest_batch(footprint, 12)[0] == 0
+    best, probes = search_largest_batch(footprint, 100, start=29)
+    assert best == 30 and len(probes) < 10  # fewer probes than from batch 1
+    assert estimate_largest_batch({1: 13, 8: 34}, 100) == 30
+    assert estimate_largest_batch({1: 13}, 100) is None
