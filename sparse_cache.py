@@ -153,7 +153,8 @@ class SlotTable:
         if self.capacity:  # (a fresh table knows its bound exactly: no sync)
             self.syncs += 1
             self.used_bound = int(self.lengths.max()) if self.lengths.numel() else 0
-        if self.used_bound + needed > self.capacity:
+        # at least a block of headroom after every read, so the next read is a block of steps away
+        if self.used_bound + needed + self.block_size > self.capacity:
             self._resize(self.used_bound + needed + self.block_size)
 
     def _resize(self, capacity: int) -> None:
