@@ -35,7 +35,7 @@ from transformers.utils import logging
 
 from .configuration_dynamic_llava import PER_CALL_FIELDS, DynamicLlavaConfig, SparsitySettings
 from .sparse_cache import DynamicLlavaCache, DynamicLlavaStaticCache, SparseChunk
-from .sparse_masks import attention_mask_for, tags, visible_keys
+from .sparse_masks import all_true, attention_mask_for, tags, visible_keys
 from .sparse_predictors import ImageScorePredictor, OutputTextScorePredictor, run_predictor
 from .sparse_training import (
     TRAINING_ATTENTION,
@@ -334,7 +334,7 @@ class DynamicLlavaModel(LlavaModel):
         position_ids = self._positions(position_ids, cache, static, past_length, batch, q, device)
         token_valid = self._token_valid(attention_mask, batch, q, past_length, cache, static, device)
         generated_from = self._generated_from(q, cache, static, past_length, output_text_start)
-        token_valid, ends_row = self._finished_rows(
+        token_valid, row_continues = self._finished_rows(
             token_valid, input_ids, eos_token_ids, generated_from, cache, output_text_start
         )
 
@@ -355,7 +355,17 @@ class DynamicLlavaModel(LlavaModel):
             kept = _kept_vision(images, None, batch)
             if cache is not None:
                 cache.admit(
-                    _chunk(token_valid, position_ids, token_valid, token_valid, q, kept, None, ends_row, generated_from)
+                    _chunk(
+                        token_valid,
+                        position_ids,
+                        token_valid,
+                        token_valid,
+                        q,
+                        kept,
+                        None,
+                        row_continues,
+                        generated_from,
+                    )
                 )
             return DynamicLlavaModelOutput(
                 last_hidden_state=lm.norm(hidden),
@@ -404,7 +414,7 @@ class DynamicLlavaModel(LlavaModel):
                 q,
                 selection.kept_vision_indices,
                 selection,
-                ends_row,
+                row_continues,
                 generated_from,
             )
             key_positions = cache.admit(chunk, plainly_causal=plainly_causal)
@@ -465,7 +475,7 @@ class DynamicLlavaModel(LlavaModel):
 
         output_text_keep = scored = None
         if settings.use_output_text_predictor and generated_from is not None:
-            scored = token_valid[:, generated_from:]
+            scored = token_valid if generated_from == 0 else token_valid[:, generated_from:]
             # keep iff logit 0 > logit 1 (strict, as the original); a decode step runs the predictor on `[batch, H]`
             if q == 1:
                 logits = run_predictor(self.output_text_score_predictor, hidden[:, 0])
@@ -473,7 +483,9 @@ class DynamicLlavaModel(LlavaModel):
             else:
                 logits = run_predictor(self.output_text_score_predictor, hidden[:, generated_from:])
                 output_text_keep = logits[..., 0] > logits[..., 1]
-            if generated_from == 0:
+            if q == 1:
+                store = output_text_keep  # (the cache keeps it only for a real token of a live row)
+            elif generated_from == 0:
                 store = store & output_text_keep
             else:
                 store = torch.cat([store[:, :generated_from], store[:, generated_from:] & output_text_keep], dim=-1)
@@ -580,9 +592,9 @@ class DynamicLlavaModel(LlavaModel):
 
     @staticmethod
     def _token_valid(attention_mask, batch, q, past_length, cache, static, device) -> torch.Tensor:
-        """`[batch, q]` bool, the real tokens of this call (from the 2D padding mask)."""
+        """`[batch, q]` bool, the real tokens of this call (from the 2D padding mask). Never written to."""
         if attention_mask is None:
-            return torch.ones(batch, q, dtype=torch.bool, device=device)
+            return all_true(batch, q, device)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < q:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; this call needs a 2D mask "
@@ -617,15 +629,18 @@ class DynamicLlavaModel(LlavaModel):
 
         Returns:
             token_valid with finished tokens cleared (no cache: the generated tokens from each row's first EOS on),
-            and `[batch]` bool `ends_row` for the cache (this decode step feeds EOS), or None.
+            and `[batch]` bool `row_continues` for the cache (False: this decode step feeds EOS), or None.
         """
         if eos_token_ids is None or input_ids is None or generated_from is None:
             return token_valid, None
-        eos = eos_token_ids.to(input_ids.device)
+        eos = eos_token_ids if eos_token_ids.device == input_ids.device else eos_token_ids.to(input_ids.device)
         if cache is not None:
             if input_ids.shape[1] != 1:
                 return token_valid, None
-            return token_valid, torch.isin(input_ids[:, 0], eos)
+            continues = torch.isin(input_ids[:, 0], eos, invert=True)
+            return token_valid, continues if continues.device == token_valid.device else continues.to(
+                token_valid.device
+            )
         is_eos = torch.isin(input_ids, eos)
         is_eos[:, :generated_from] = False
         finished = is_eos.cumsum(-1) > 0
@@ -703,7 +718,9 @@ class DynamicLlavaModel(LlavaModel):
         return merged, layout
 
 
-def _chunk(token_valid, positions, valid, store, q, kept_vision, selection, ends_row, generated_from) -> SparseChunk:
+def _chunk(
+    token_valid, positions, valid, store, q, kept_vision, selection, row_continues, generated_from
+) -> SparseChunk:
     return SparseChunk(
         token_valid=token_valid,
         positions=positions,
@@ -713,7 +730,7 @@ def _chunk(token_valid, positions, valid, store, q, kept_vision, selection, ends
         kept_vision_indices=kept_vision,
         output_text_keep=None if selection is None else selection.output_text_keep,
         output_text_scored=None if selection is None else selection.output_text_scored,
-        ends_row=ends_row,
+        row_continues=row_continues,
         is_prompt=generated_from is None,
     )
 

@@ -69,8 +69,9 @@ class SparseChunk:
         the call has no image.
     output_text_keep: `[batch, n]` bool decisions of the generated tokens scored in this call, or None.
     output_text_scored: `[batch, n]` bool, which of those were real tokens of a live row.
-    ends_row: `[batch]` bool, the row was fed an end-of-sequence token in this decode step: from here on the row is
-        finished and changes nothing in the cache (generate() keeps feeding it padding). None for prompt calls.
+    row_continues: `[batch]` bool, False for a row fed an end-of-sequence token in this decode step: from here on
+        the row is finished and changes nothing in the cache (generate() keeps feeding it padding). None: every row
+        continues.
     is_prompt: the call holds prompt text only (a new turn): rows finished earlier are live again.
     """
 
@@ -82,7 +83,7 @@ class SparseChunk:
     kept_vision_indices: list | None = None
     output_text_keep: torch.Tensor | None = None
     output_text_scored: torch.Tensor | None = None
-    ends_row: torch.Tensor | None = None
+    row_continues: torch.Tensor | None = None
     is_prompt: bool = True
 
 
@@ -117,7 +118,7 @@ class SlotTable:
     positions: `[batch, capacity]` long, each slot's position tag (`EMPTY` if it holds nothing). Slots from
         `lengths[row]` on are empty, except that slot `lengths[row]` keeps the tag of a token a one-token call
         computed but dropped until the next call, which always writes that slot first.
-    lengths: `[batch]` long, entries stored per row (slots `[0, lengths[row])`).
+    lengths: `[batch, 1]` long, entries stored per row (slots `[0, lengths[row])`).
     write_index: `[batch, c]` long, the slot of each token of the current call (set by `admit`).
     capacity: slots allocated per row (host int); used_bound: a host upper bound of `lengths.max()`.
     """
@@ -143,7 +144,7 @@ class SlotTable:
         """Make room for `needed` more slots per row (dynamic: one host sync when the bound would pass capacity)."""
         if self.positions is None:
             self.positions = torch.full((batch, 0), EMPTY, dtype=torch.long, device=device)
-            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+            self.lengths = torch.zeros(batch, 1, dtype=torch.long, device=device)
         if self.static_capacity is not None:  # fixed: the dense columns overflow first (a clear index error)
             if self.capacity == 0:
                 self._resize(self.static_capacity)
@@ -195,19 +196,19 @@ class SlotTable:
         if c == 1:
             # decode: each row writes slot lengths[row], tagged for this call even if dropped; the next call writes
             # that slot first, so a dropped token's tag does not outlive its call (no second write needed)
-            dest = self.lengths.view(batch, 1)
+            dest = self.lengths
             self.positions.scatter_(1, dest, tags(positions, valid))
             key_positions = self.positions
             if self.static_capacity is None:
-                self.lengths = self.lengths + store.view(batch)  # (out of place: `dest` keeps this call's slots)
+                self.lengths = self.lengths + store  # (out of place: `dest` keeps this call's slots)
             else:
                 dest = dest.clone()
-                self.lengths += store.view(batch)  # (in place: a static address)
+                self.lengths += store  # (in place: a static address)
         else:  # stored tokens first (in order), then computed-but-dropped ones, then filler/padding
-            dest = self.lengths[:, None] + _ranks_in_groups(store, valid & ~store)
+            dest = self.lengths + _ranks_in_groups(store, valid & ~store)
             key_positions = self.positions.scatter(1, dest, tags(positions, valid))
             self.positions.scatter_(1, dest, tags(positions, store))
-            self.lengths += store.sum(-1)
+            self.lengths += store.sum(-1, keepdim=True)
         if self.static_capacity is None:  # (a static table keeps no host counters: nothing to retrace per step)
             self.used_bound += c
             self.logical_length += num_new_tokens
@@ -324,7 +325,7 @@ class SparseLayer(DynamicLayer):
         """`[batch]` long: entries stored per row."""
         if self.table.lengths is None:
             return torch.zeros(0, dtype=torch.long)
-        return self.table.lengths
+        return self.table.lengths.view(-1)
 
     def get_seq_length(self) -> int:
         """The logical length: every token this layer was shown, kept or not (dynamic tables)."""
@@ -412,8 +413,8 @@ class RowLog:
     """
     The per-row decisions of one cache, for introspection (one object, one row-selection path).
 
-    real_tokens: `[batch]` long, real tokens each row was shown (what its dense layers really hold).
-    finished: `[batch]` bool, the row was fed an end-of-sequence token and is only padded from there on.
+    real_tokens: `[batch, 1]` long, real tokens each row was shown (what its dense layers really hold).
+    live: `[batch]` bool, False once the row was fed an end-of-sequence token (it is only padded from there on).
     vision: per row, one LongTensor per image (kept indices inside the image, ascending).
     output-text decisions: per call, `keep` `[batch, n]` and `scored` `[batch, n]` (which were real tokens of a live
         row), appended as they come (no device work per step) and gathered per row when asked; a static cache writes
@@ -424,47 +425,44 @@ class RowLog:
         self.block_size = block_size
         self.static_slots = static_slots
         self.real_tokens: torch.Tensor | None = None
-        self.finished: torch.Tensor | None = None
+        self.live: torch.Tensor | None = None
         self.vision: list[list[torch.Tensor]] = []
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decisions: torch.Tensor | None = None  # static: [batch, slots] bool
         self.decision_counts: torch.Tensor | None = None  # static: [batch] long
 
     def _init(self, batch: int, device: torch.device) -> None:
-        self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.real_tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.live = torch.ones(batch, dtype=torch.bool, device=device)
         self.vision = [[] for _ in range(batch)]
         if self.static_slots is not None:
             self.decisions = torch.zeros(batch, self.static_slots, dtype=torch.bool, device=device)
             self.decision_counts = torch.zeros(batch, dtype=torch.long, device=device)
             if not torch.compiler.is_compiling():
-                for tensor in (self.real_tokens, self.finished, self.decision_counts, self.decisions):
+                for tensor in (self.real_tokens, self.live, self.decision_counts, self.decisions):
                     torch._dynamo.mark_static_address(tensor)
 
     def live_rows(self, chunk: SparseChunk) -> torch.Tensor:
-        """Update `finished` with this call; `[batch]` bool, the rows this call may change."""
+        """Update `live` with this call; `[batch]` bool, the rows this call may change."""
         if self.real_tokens is None:
             self._init(chunk.token_valid.shape[0], chunk.token_valid.device)
         if chunk.is_prompt:
-            self.finished.zero_()
-        elif chunk.ends_row is not None:
-            self.finished |= chunk.ends_row.to(self.finished.device)
-        return ~self.finished
+            self.live.fill_(True)
+        elif chunk.row_continues is not None:
+            self.live &= chunk.row_continues
+        return self.live
 
-    def record(self, chunk: SparseChunk, live: torch.Tensor) -> None:
-        batch, q = chunk.token_valid.shape
-        if q == 1:
-            real = chunk.token_valid.view(batch) & live
-            self.real_tokens += real
-        else:
-            self.real_tokens += (chunk.token_valid & live[:, None]).sum(-1)
+    def record(self, chunk: SparseChunk, real: torch.Tensor, live: torch.Tensor) -> None:
+        """`real`: `[batch, q]` the call's real tokens of live rows; `live`: `[batch]` (see `live_rows`)."""
+        batch, q = real.shape
+        self.real_tokens += real if q == 1 else real.sum(-1, keepdim=True)
         if chunk.kept_vision_indices is not None:
             for row, images in zip(self.vision, chunk.kept_vision_indices, strict=True):
                 row.extend(images)
         if chunk.output_text_keep is None:
             return
         keep = chunk.output_text_keep
-        scored = real.view(batch, 1) if q == 1 else chunk.output_text_scored & live[:, None]
+        scored = real if q == 1 else chunk.output_text_scored & live[:, None]
         if self.static_slots is None:
             self.calls.append((keep, scored))
             return
@@ -486,7 +484,7 @@ class RowLog:
     def select_rows(self, index: torch.Tensor) -> None:
         if self.real_tokens is None:
             return
-        names = ["real_tokens", "finished"] + (["decisions", "decision_counts"] if self.static_slots else [])
+        names = ["real_tokens", "live"] + (["decisions", "decision_counts"] if self.static_slots else [])
         for name in names:
             tensor = getattr(self, name)
             setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
@@ -593,12 +591,14 @@ class DynamicLlavaCache(Cache):
         Returns:
             `[batch, width]` long key positions of the sparse layers (None for an all-dense cache).
         """
-        live = self.log.live_rows(chunk)
-        self.log.record(chunk, live)
+        live = self.log.live_rows(chunk)  # [batch]
+        real = chunk.token_valid & live.view(-1, 1)
+        self.log.record(chunk, real, live)
         self.is_empty = False
         if not self.is_sparse:
             return None
-        valid = chunk.valid & live.to(chunk.valid.device)[:, None]
+        # (a decode step computes the whole chunk: the computed tokens are the call's tokens)
+        valid = real if chunk.valid is chunk.token_valid else chunk.valid & live.view(-1, 1)
         return self.table.admit(chunk.positions, valid, chunk.store & valid, chunk.num_new_tokens, plainly_causal)
 
     # ---- introspection -----------------------------------------------------------------------------------------
@@ -619,15 +619,15 @@ class DynamicLlavaCache(Cache):
         """Per row, the positions of the entries its sparse layers hold, ascending (one host sync)."""
         if self.table.lengths is None:
             return [torch.zeros(0, dtype=torch.long) for _ in range(self.batch_size)]
-        lengths = self.table.lengths.tolist()
+        lengths = self.table.lengths.view(-1).tolist()
         return [self.table.positions[b, :n].clone() for b, n in enumerate(lengths)]
 
     def kept_lengths(self) -> torch.Tensor:
         """`[num_layers, batch]` long: entries physically stored per layer and row, padding never counted."""
         if self.log.real_tokens is None:
             return torch.zeros(len(self.layers), 0, dtype=torch.long)
-        dense = self.log.real_tokens.cpu()
-        sparse = self.table.lengths.cpu() if self.table.lengths is not None else dense
+        dense = self.log.real_tokens.view(-1).cpu()
+        sparse = self.table.lengths.view(-1).cpu() if self.table.lengths is not None else dense
         return torch.stack([sparse if isinstance(layer, SparseLayer) else dense for layer in self.layers])
 
     @staticmethod

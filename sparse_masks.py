@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EMPTY", "attention_mask_for", "tags", "visible_keys"]
+__all__ = ["EMPTY", "all_true", "attention_mask_for", "tags", "visible_keys"]
 
 EMPTY = torch.iinfo(torch.long).max
 
@@ -26,6 +26,18 @@ def _constant(value: float | int, dtype: torch.dtype, device: torch.device) -> t
     tensor = _CONSTANTS.get(key)
     if tensor is None:
         tensor = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return tensor
+
+
+def all_true(batch: int, q: int, device: torch.device) -> torch.Tensor:
+    """A cached `[batch, q]` bool tensor of True (a decode step without padding does not create it again); callers
+    never write to it."""
+    if q != 1:
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
+    key = ("all_true", batch, device)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        tensor = _CONSTANTS[key] = torch.ones(batch, 1, dtype=torch.bool, device=device)
     return tensor
 
 
@@ -48,9 +60,10 @@ def visible_keys(
     Returns:
         `[batch, 1, q, keys]` bool, True = the query attends to the key.
     """
-    visible = key_positions[:, None, None, :] <= query_positions[:, None, :, None]
+    batch, q = query_positions.shape
+    visible = key_positions.view(batch, 1, 1, -1) <= query_positions.view(batch, 1, q, 1)
     if query_valid is not None:
-        visible = visible | ~query_valid[:, None, :, None]
+        visible = visible | ~query_valid.view(batch, 1, q, 1)
     return visible
 
 

@@ -23,6 +23,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 __all__ = [
     "CACHE_KEY",
     "GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE",
+    "SDPA_SLICES_4D_MASKS",
     "PASSES_CACHE_POSITION",
     "TRANSFORMERS_MAJOR",
     "cache_from_output",
@@ -115,6 +116,18 @@ def _generate_continues_a_given_cache_without_use_cache() -> bool:
 
 
 GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE = _generate_continues_a_given_cache_without_use_cache()
+
+
+def _sdpa_slices_every_4d_mask() -> bool:
+    """4.57's `sdpa_attention_forward` slices a 4D mask to the key length in every layer: one dispatched op per layer
+    and step that the stock model at batch 1, passing no mask, does not pay (a 3D mask, which it would not slice,
+    sends CPU sdpa to its math kernel: worse). 5.x does not slice. Goes with 4.57."""
+    from transformers.integrations import sdpa_attention
+
+    return "attention_mask[:, :, :, : key.shape[-2]]" in inspect.getsource(sdpa_attention.sdpa_attention_forward)
+
+
+SDPA_SLICES_4D_MASKS = _sdpa_slices_every_4d_mask()
 
 
 def query_length(query: Any) -> int:

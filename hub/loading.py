@@ -143,8 +143,10 @@ def load_processor(folder: str | os.PathLike) -> DynamicLlavaProcessor | None:
     """The processor of a folder with this package's classes (no remote code runs), or None without a tokenizer."""
     from transformers import AutoTokenizer
 
+    from .. import register_auto_classes
     from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
 
+    register_auto_classes()  # (AutoTokenizer reads the folder's config: its model type must be known)
     folder = Path(folder)
     if not (folder / "tokenizer_config.json").exists():
         return None
