@@ -120,8 +120,9 @@ print(pipe(text=messages, max_new_tokens=64))
 
 Serve it behind an OpenAI-compatible endpoint (transformers' own server, with this model registered; `pip install
 "dynamic-llava[serve]"`): `dynamic-llava serve {repo_id}`. Evaluate it with lmms-eval (`pip install
-"dynamic-llava[eval]"`): `lmms-eval --model dynamic_llava --model_args pretrained={repo_id},vision_keep_tokens=128
---tasks ...`.
+"dynamic-llava[eval]"`, then `pip install --no-deps lmms-eval==0.7.3`; with a CUDA torch, a plain `pip install
+lmms-eval==0.7.3` beside the matching torchvision): `lmms-eval --model dynamic_llava --model_args
+pretrained={repo_id},vision_keep_tokens=128 --tasks ...`.
 
 ## Sparsity settings
 
