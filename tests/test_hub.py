@@ -142,14 +142,14 @@ def test_sharded_export_loads_back(exported, tmp_path):
 
 def test_shipped_demo_folder_is_a_complete_current_hub_folder():
     """Every folder the package ships loads with the stock Auto classes: the demo folder holds the remote code, and
-    that code is today's (re-export it with `dynamic-llava export` after changing a remote-code file)."""
+    that code is today's (after changing a remote-code file: `python scripts/refresh_demo_model.py` under 4.57)."""
     from dynamic_llava.hub.folder import CODE_FILES
     from dynamic_llava.synthetic import DEMO_MODEL
 
     for name, source in CODE_FILES.items():
         shipped = DEMO_MODEL / name
         assert shipped.is_file(), f"{name} is missing from the demo folder"
-        assert shipped.read_bytes() == source.read_bytes(), f"{name} in the demo folder is stale: re-export it"
+        assert shipped.read_bytes() == source.read_bytes(), f"{name} in the demo folder is stale: run scripts/refresh_demo_model.py"
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
