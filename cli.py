@@ -700,49 +700,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 # bench flags that go to run_bench when its signature has the parameter: flag -> the parameter's names (first found)
-_BENCH_OPTIONAL = {
-    "--memory-budget": ("memory_budget_gb", "memory_budget"),
-    "--compile": ("compiled", "compile"),
-    "--batch-sizes": ("throughput_batches", "batch_sizes"),
-    "--vision-keep-tokens": ("vision_keep_tokens",),
-    "--vision-keep-rate": ("vision_keep_rate",),
-    "--no-output-text-predictor": ("use_output_text_predictor",),
-}
-
-
 def _bench(args: argparse.Namespace) -> int:
-    import inspect
-
     if args.model and args.preset:
         raise UsageError("pass --model or --preset, not both")
     _check_device("--device", args.device, allow_maps=False)
     _check_out_folder("--out", args.out)
     if args.vision_keep_tokens is not None and args.vision_keep_rate is not None:
         raise UsageError("pass --vision-keep-tokens or --vision-keep-rate, not both")
-    if args.repeats < 3:
-        logger.warning(
-            f"warning: --repeats {args.repeats}: times are medians of fewer than 3 runs and can move by several "
-            "percent; pass --repeats 3 or more for numbers to compare"
-        )
-    from .bench.run import format_table, run_bench
+    from .bench.run import format_table, run_bench  # (run_bench warns when --repeats is below 3)
 
-    values = {
-        "--memory-budget": args.memory_budget,
-        "--compile": True if args.compile else None,
-        "--batch-sizes": args.batch_sizes,
-        "--vision-keep-tokens": args.vision_keep_tokens,
-        "--vision-keep-rate": args.vision_keep_rate,
-        "--no-output-text-predictor": False if args.no_output_text_predictor else None,
-    }
-    accepted = inspect.signature(run_bench).parameters
-    extra = {}
-    for flag, value in values.items():
-        if value is None:
-            continue
-        names = [name for name in _BENCH_OPTIONAL[flag] if name in accepted]
-        if not names:
-            raise UsageError(f"{flag} is not supported by this version of the bench")
-        extra[names[0]] = value
     results = run_bench(
         model=args.model,
         preset=args.preset or "llava15-cpu",
@@ -753,7 +719,20 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         out=args.out,
         throughput_tokens=args.throughput_tokens,
-        **extra,
+        throughput_batches=args.batch_sizes,
+        decode_batch=args.decode_batch or None,
+        ragged=not args.no_ragged,
+        compiled=True if args.compile else None,
+        compile_batches=args.compile_batches,
+        compile_mode=args.compile_mode,
+        memory_budget_gb=args.memory_budget,
+        count_steps=args.count_steps,
+        vision_keep_tokens=args.vision_keep_tokens,
+        vision_keep_rate=args.vision_keep_rate,
+        use_vision_predictor=False if args.no_vision_predictor else None,
+        use_output_text_predictor=False if args.no_output_text_predictor else None,
+        progress=not args.no_progress,
+        seed=args.seed,
     )
     print(format_table(results))
     return 0
@@ -1020,6 +999,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vision-keep-tokens", type=_positive_int, metavar="K", help="image tokens kept per image")
     bench.add_argument("--vision-keep-rate", type=_rate, metavar="R", help="fraction of each image's tokens kept")
     bench.add_argument("--no-output-text-predictor", action="store_true", help="cache every generated token")
+    bench.add_argument("--no-vision-predictor", action="store_true", help="keep every image token")
+    bench.add_argument(
+        "--decode-batch",
+        type=int,
+        default=8,
+        help="batch of the second decode run over --new-tokens (ragged rows); 0: none",
+    )
+    bench.add_argument(
+        "--no-ragged",
+        action="store_true",
+        help="batch rows of one prompt length (default: left-padded rows of different lengths)",
+    )
+    bench.add_argument(
+        "--compile-batches",
+        type=_int_list,
+        metavar="B1,B2,...",
+        help="batch sizes of the compiled tokens/s runs (default: --batch-sizes on CUDA, none on CPU)",
+    )
+    bench.add_argument(
+        "--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA, default elsewhere)"
+    )
+    bench.add_argument(
+        "--count-steps",
+        type=int,
+        default=64,
+        help="decode steps over which aten ops and host syncs per step are counted (0: skip)",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and sampling")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--out", default=None, help="folder for results.json and the plots")
     bench.set_defaults(func=_bench)
 

@@ -328,58 +328,48 @@ def test_other_usage_errors_are_one_line(capsys):
     assert_fails(capsys, ["bench", "--batch-sizes", "1,,8"], "comma-separated")
 
 
-def test_bench_warns_under_three_repeats_and_passes_the_new_flags(capsys, monkeypatch):
-
-    import dynamic_llava.bench.run as bench_run
-
-    seen = {}
-
-    def fake_run_bench(model=None, preset="", repeats=3, memory_budget_gb=None, throughput_batches=None, **kwargs):
-        seen.clear()
-        seen.update(kwargs, repeats=repeats, memory_budget_gb=memory_budget_gb, throughput_batches=throughput_batches)
-        return {}
-
-    monkeypatch.setattr(bench_run, "run_bench", fake_run_bench)
-    monkeypatch.setattr(bench_run, "format_table", lambda results: "the table")
-    assert main(["bench", "--repeats", "1", "--memory-budget", "1.5", "--batch-sizes", "1,8"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.strip() == "the table"
-    warnings = captured.err.strip().splitlines()
-    assert len(warnings) == 1 and "--repeats 1" in warnings[0] and "--repeats 3 or more" in warnings[0]
-    assert seen["repeats"] == 1 and seen["memory_budget_gb"] == 1.5 and seen["throughput_batches"] == [1, 8]
-    assert main(["bench"]) == 0 and capsys.readouterr().err == ""  # 3 repeats: no warning
-    assert "compiled" not in seen and "vision_keep_tokens" not in seen  # flags not given: run_bench's defaults
-    assert_fails(capsys, ["bench", "--compile"], "--compile is not supported by this version of the bench")
-
-
 def test_bench_flags_reach_the_real_run_bench_signature(capsys, monkeypatch):
     import inspect
 
     import dynamic_llava.bench.run as bench_run
 
     signature = inspect.signature(bench_run.run_bench)
-    if "vision_keep_tokens" not in signature.parameters:
-        pytest.skip("this bench/run.py's run_bench has none of the new arguments yet")
     seen = {}
 
     def fake_run_bench(*args, **kwargs):
         signature.bind(*args, **kwargs)  # the arguments the command passes fit the real run_bench
+        seen.clear()
         seen.update(kwargs)
         return {}
 
-    fake_run_bench.__signature__ = signature
     monkeypatch.setattr(bench_run, "run_bench", fake_run_bench)
     monkeypatch.setattr(bench_run, "format_table", lambda results: "the table")
     flags = ["--compile", "--memory-budget", "2", "--batch-sizes", "1,4", "--no-output-text-predictor"]
+    flags += ["--decode-batch", "0", "--no-ragged", "--compile-batches", "1,2", "--compile-mode", "default"]
+    flags += ["--count-steps", "16", "--seed", "3", "--no-progress", "--no-vision-predictor", "--repeats", "2"]
     assert main(["bench", *flags, "--vision-keep-tokens", "8"]) == 0
-    assert {key: seen[key] for key in ("compiled", "memory_budget_gb", "throughput_batches")} == {
-        "compiled": True,
-        "memory_budget_gb": 2.0,
-        "throughput_batches": [1, 4],
-    }
-    assert seen["vision_keep_tokens"] == 8 and seen["use_output_text_predictor"] is False
+    assert capsys.readouterr().out.strip() == "the table"
+    assert seen == dict(
+        seen,
+        compiled=True,
+        memory_budget_gb=2.0,
+        throughput_batches=[1, 4],
+        use_output_text_predictor=False,
+        use_vision_predictor=False,
+        decode_batch=None,
+        ragged=False,
+        compile_batches=[1, 2],
+        compile_mode="default",
+        count_steps=16,
+        seed=3,
+        progress=False,
+        repeats=2,
+        vision_keep_tokens=8,
+    )
+    assert main(["bench"]) == 0  # the defaults: run_bench's own
+    assert seen["compiled"] is None and seen["vision_keep_tokens"] is None and seen["decode_batch"] == 8
     assert main(["bench", "--vision-keep-rate", "0.25"]) == 0 and seen["vision_keep_rate"] == 0.25
-    capsys.readouterr()
+    assert_fails(capsys, ["bench", "--vision-keep-rate", "0.25", "--vision-keep-tokens", "4"], "not both")
 
 
 # ---- files: the umask's permissions --------------------------------------------------------------------------------
