@@ -33,6 +33,8 @@ def test_readme_quickstart_runs_as_written(tmp_path, tiny_processor):
     code, n_image = re.subn(r'^image = ".*?"', f"image = {str(image)!r}", code, flags=re.M)
     assert n_repo == n_image == 1
     code = code.replace('"What is shown in this image?"', '"w5 w6 w7"')  # the tiny tokenizer's words
+    assert "vision_keep_tokens=128" in code
+    code = code.replace("vision_keep_tokens=128", "vision_keep_tokens=8")  # the tiny model's images have 16 tokens
     script = tmp_path / "quickstart.py"
     script.write_text("import sys\nsys.modules['dynamic_llava'] = None\n" + code)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
