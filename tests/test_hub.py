@@ -149,7 +149,9 @@ def test_shipped_demo_folder_is_a_complete_current_hub_folder():
     for name, source in CODE_FILES.items():
         shipped = DEMO_MODEL / name
         assert shipped.is_file(), f"{name} is missing from the demo folder"
-        assert shipped.read_bytes() == source.read_bytes(), f"{name} in the demo folder is stale: run scripts/refresh_demo_model.py"
+        assert shipped.read_bytes() == source.read_bytes(), (
+            f"{name} in the demo folder is stale: run scripts/refresh_demo_model.py"
+        )
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
