@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from ..transformers_compat import TOKENIZER_CLASS_REWRITES, config_dtype_field, hub_key
+
 if TYPE_CHECKING:
     from ..configuration_dynamic_llava import DynamicLlavaConfig
 
@@ -98,17 +100,6 @@ class ShardWriter:
         return names
 
 
-def hub_key(key: str) -> str:
-    """
-    The 4.57 module-layout key of a state-dict key of the installed transformers: the one layout that both 4.57
-    and 5.x load exactly (5.x names the CLIP tower's modules without `vision_model.`).
-    """
-    prefix = "model.vision_tower."
-    if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
-        return prefix + "vision_model." + key[len(prefix) :]
-    return key
-
-
 def write_code_files(folder: Path) -> None:
     for name, source in CODE_FILES.items():
         if not source.exists():
@@ -185,21 +176,15 @@ def _normalize_processor_files(folder: Path) -> None:
     tokenizer_config = folder / "tokenizer_config.json"
     if tokenizer_config.exists():
         data = json.loads(tokenizer_config.read_text())
-        if data.get("tokenizer_class") in ("TokenizersBackend", None):
-            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        rewrite = TOKENIZER_CLASS_REWRITES.get(data.get("tokenizer_class"))
+        if rewrite is not None:
+            data["tokenizer_class"] = rewrite
             tokenizer_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def set_dtype_field(config: DynamicLlavaConfig, dtype: torch.dtype | str) -> None:
-    """config.json's dtype entry: `dtype` in transformers 5.x, `torch_dtype` in 4.57."""
-    name = str(dtype).replace("torch.", "")
-    if hasattr(type(config), "dtype") or "dtype" in getattr(config, "__dataclass_fields__", {}):
-        try:
-            config.dtype = name
-            return
-        except AttributeError:
-            pass
-    config.torch_dtype = name
+    """config.json's dtype entry (its name depends on the transformers version: `config_dtype_field`)."""
+    setattr(config, config_dtype_field(config), str(dtype).replace("torch.", ""))
 
 
 DTYPES = {

@@ -19,6 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..hub.export import export_model
 from ..hub.loading import load_local
 from ..sparse_training import predictor_parameter_groups, temperature
+from ..transformers_compat import trainer_warmup_kwargs
 from .data import LlavaConversationDataset, collate
 
 
@@ -36,14 +37,6 @@ class GumbelTemperatureCallback(TrainerCallback):
         if model is not None:
             target = model.module if hasattr(model, "module") else model
             target.gumbel_tau = temperature(state.global_step, state.max_steps)
-
-
-def _warmup(ratio: float) -> dict:
-    """The warm-up ratio: `warmup_ratio` in transformers 4.57, a float `warmup_steps` < 1 in 5.x."""
-    from transformers import TrainingArguments
-
-    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
-    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
 
 
 def train(
@@ -92,7 +85,7 @@ def train(
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         lr_scheduler_type="cosine",
-        **_warmup(warmup_ratio),
+        **trainer_warmup_kwargs(warmup_ratio),
         save_steps=save_steps,
         save_total_limit=2,
         logging_steps=logging_steps,
