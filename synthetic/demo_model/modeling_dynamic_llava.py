@@ -355,16 +355,15 @@ class DynamicLlavaModel(LlavaModel):
             kept = _kept_vision(images, None, batch)
             if cache is not None:
                 cache.admit(
-                    _chunk(
-                        token_valid,
-                        position_ids,
-                        token_valid,
-                        token_valid,
-                        q,
-                        kept,
-                        None,
-                        row_continues,
-                        generated_from,
+                    SparseChunk(
+                        token_valid=token_valid,
+                        positions=position_ids,
+                        valid=token_valid,
+                        store=token_valid,
+                        num_new_tokens=q,
+                        kept_vision_indices=kept,
+                        row_continues=row_continues,
+                        is_prompt=generated_from is None,
                     )
                 )
             return DynamicLlavaModelOutput(
@@ -399,23 +398,24 @@ class DynamicLlavaModel(LlavaModel):
             not training
             and q > 1
             and lm.config._attn_implementation == "sdpa"
-            and (cache is None or cache.is_empty)
+            and (cache is None or (cache.is_empty and not static))
             and bool(no_padding)
             and shortest == width
         )
 
         # 4. sparse layers: the kept past plus this chunk, one explicit mask for all of them (one hand-over)
         if cache is not None:
-            chunk = _chunk(
-                token_valid,
-                positions,
-                valid,
-                store,
-                q,
-                selection.kept_vision_indices,
-                selection,
-                row_continues,
-                generated_from,
+            chunk = SparseChunk(
+                token_valid=token_valid,
+                positions=positions,
+                valid=valid,
+                store=store,
+                num_new_tokens=q,
+                kept_vision_indices=selection.kept_vision_indices,
+                output_text_keep=selection.output_text_keep,
+                output_text_scored=selection.output_text_scored,
+                row_continues=row_continues,
+                is_prompt=generated_from is None,
             )
             key_positions = cache.admit(chunk, plainly_causal=plainly_causal)
         else:
@@ -716,23 +716,6 @@ class DynamicLlavaModel(LlavaModel):
             image_token_mask[..., None].to(inputs_embeds.device), features.to(inputs_embeds)
         )
         return merged, layout
-
-
-def _chunk(
-    token_valid, positions, valid, store, q, kept_vision, selection, row_continues, generated_from
-) -> SparseChunk:
-    return SparseChunk(
-        token_valid=token_valid,
-        positions=positions,
-        valid=valid,
-        store=store,
-        num_new_tokens=q,
-        kept_vision_indices=kept_vision,
-        output_text_keep=None if selection is None else selection.output_text_keep,
-        output_text_scored=None if selection is None else selection.output_text_scored,
-        row_continues=row_continues,
-        is_prompt=generated_from is None,
-    )
 
 
 def _right_aligned_indices(compute: torch.Tensor, width: int) -> torch.Tensor:
