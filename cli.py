@@ -437,7 +437,8 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     if _is_demo_model(folder):
         print(
-            f"Dynamic-LLaVA demo: the embedded model ({folder.name}), trained on this CPU on the synthetic shapes task"
+            f"Dynamic-LLaVA demo: the embedded model ({folder.name}), 1.3 M parameters, "
+            "trained on the synthetic shapes task"
         )
     else:
         print(f"Dynamic-LLaVA demo: {args.model}")
