@@ -6,6 +6,8 @@ Each draw picks 1-6 rows with 0-2 images at random places and random prompt leng
 prompt chunking (text-only prompts) or a second turn through the returned cache, and per-call sparsity settings. The
 checks: cached == uncached; each row == that row alone (tokens, kept vision indices, output-text decisions,
 `kept_lengths()`); sparsity off == stock LLaVA; `stored_bytes()` == the formula of the kept counts.
+
+`python -m pytest -q` runs all 120 draws (about 15 s); the quick loop `-m "not slow"` runs the first 30.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fixtures.tiny import IMAGE_TOKEN_ID
 
 SEED = 20261201
 DRAWS = 120
+QUICK_DRAWS = 30  # the first 30 run in the quick loop (`-m "not slow"`); all 120 in the full suite
 TOKENS = 16  # image tokens of the tiny model
 
 
@@ -87,7 +90,8 @@ def draws():
                 ]
             ),
         }
-        yield pytest.param(case, id=f"draw{index}-{case['mode']}-b{case['batch']}")
+        marks = () if index < QUICK_DRAWS else (pytest.mark.slow,)
+        yield pytest.param(case, id=f"draw{index}-{case['mode']}-b{case['batch']}", marks=marks)
 
 
 @pytest.mark.parametrize("case", list(draws()))
