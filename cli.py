@@ -135,6 +135,16 @@ def _image_argument(image: str) -> str:
     return str(path)
 
 
+def _readable_image(image: str) -> str:
+    """`_image_argument`, and a local file must also open as an image now (chat reports it at `/image`, not later)."""
+    image = _image_argument(image)
+    if not image.startswith(("http://", "https://")):
+        from .processor.image_processing_dynamic_llava import load_image_file
+
+        load_image_file(image)  # ValueError naming the file and the fix
+    return image
+
+
 def _check_out_folder(flag: str, out: str | os.PathLike | None) -> None:
     """An output folder argument must not name an existing file."""
     if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
@@ -613,7 +623,7 @@ def _chat(args: argparse.Namespace) -> int:
         raise UsageError(
             "chat keeps one conversation in the cache: --num-beams is not supported; use greedy or --do-sample"
         )
-    first_images = [_image_argument(image) for image in args.image]
+    first_images = [_readable_image(image) for image in args.image]
     folder, processor, config = _open_model(args, announce_default=True)
     chat = _Chat(_load_weights(folder, args), processor, config, folder, args)
     if args.do_sample:
@@ -639,7 +649,7 @@ def _chat(args: argparse.Namespace) -> int:
                     pending = list(first_images)
                     print("[chat] the conversation starts over", file=sys.stderr)
                 elif command == "/image":
-                    pending.append(_image_argument(rest.strip()))
+                    pending.append(_readable_image(rest.strip()))
                     print(f"[chat] {rest.strip()} goes with the next message", file=sys.stderr)
                 else:
                     raise UsageError(f"unknown command {command}; use /image PATH, /reset or /exit")
@@ -649,6 +659,10 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"dynamic-llava chat: error: {_one_line(error)}", file=sys.stderr, flush=True)
             if chat.turns == 0 and chat.reset_by_error:
                 print("[chat] the conversation starts over", file=sys.stderr, flush=True)
+            if pending and not line.startswith("/"):
+                # a failed message takes its images with it: they must not ride along with the next one unasked
+                print("[chat] that message's images were dropped; add them again with /image", file=sys.stderr)
+                pending = []
             failures += 1
             continue
         pending = []

@@ -257,3 +257,19 @@ def test_chat_refuses_a_turn_longer_than_the_positions_and_goes_on(pictures, cap
     errors = [line for line in captured.err.splitlines() if line.startswith("dynamic-llava chat: error:")]
     assert len(errors) == 1 and "--max-new-tokens 500" in errors[0] and "/reset starts over" in errors[0]
     assert "ASSISTANT:" not in captured.out
+
+
+def test_chat_reports_an_unreadable_image_at_once_and_does_not_keep_it(tmp_path, capsys, monkeypatch):
+    """`/image` of a file that is not an image: the error comes at that line (not at the next message), and the next
+    message goes without it; `--image` of such a file is refused before the model loads."""
+    corrupt = tmp_path / "notes.png"
+    corrupt.write_text("not an image")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {corrupt}\n{QUESTIONS[0]}\n"))
+    assert main(["chat", "--max-new-tokens", "4"]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("dynamic-llava chat: error:")]
+    assert len(errors) == 1 and "Could not read the image file" in errors[0] and "notes.png" in errors[0]
+    summaries = [line for line in captured.out.splitlines() if line.startswith("[sparsity]")]
+    assert len(summaries) == 1 and "vision tokens kept no image" in summaries[0]
+    assert main(["chat", "--image", str(corrupt)]) == 2
+    assert "Could not read the image file" in capsys.readouterr().err
