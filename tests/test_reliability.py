@@ -374,3 +374,77 @@ def test_item16_image_tokens_without_pixel_values_are_a_clear_error(calibrated_m
         calibrated_model(input_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="image tokens but no pixel_values"):
         calibrated_model.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
+
+
+# ---- found after the review (this package's own hunt) --------------------------------------------------------------
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_input_ids(calibrated_model):
+    """generate(inputs_embeds=...) was refused with transformers' generic "not implemented" message, although stock
+    LLaVA runs it: now the same tokens and the same sparsity decisions as from input_ids, and off == stock."""
+    inputs = tiny_inputs([(5, 6, 7), (8, 9)])
+    embeds = calibrated_model.get_input_embeddings()(inputs["input_ids"])
+    kwargs = dict(max_new_tokens=6, **GREEDY)
+    from_ids = calibrated_model.generate(**inputs, **kwargs)
+    from_embeds = calibrated_model.generate(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"], **kwargs
+    )
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, -6:])  # generate returns only the new tokens
+    ids_cache, embeds_cache = cache_from_output(from_ids), cache_from_output(from_embeds)
+    for a, b in zip(ids_cache.kept_vision_indices, embeds_cache.kept_vision_indices, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for a, b in zip(ids_cache.output_text_keep, embeds_cache.output_text_keep, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(ids_cache.kept_lengths(), embeds_cache.kept_lengths())
+    off = sparsity_off(calibrated_model)
+    stock = stock_llava(off)
+    same = dict(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"])
+    assert torch.equal(off.generate(**same, **kwargs).sequences, stock.generate(**same, **kwargs).sequences)
+
+
+def test_a_cache_of_other_rows_is_a_clear_error(calibrated_model):
+    """A filled cache continued with a different number of rows crashed inside torch.cat (5.x) or generate()'s input
+    slicing (4.57)."""
+    cache = DynamicLlavaCache(calibrated_model.config)
+    calibrated_model.generate(**tiny_inputs([(5, 6, 7), (8, 9)]), max_new_tokens=3, **{CACHE_KEY: cache})
+    with pytest.raises(ValueError, match="The cache holds 2 rows but this call has 1"):
+        calibrated_model.generate(**tiny_inputs([(5, 6, 7)]), max_new_tokens=3, **{CACHE_KEY: cache})
+    with pytest.raises(ValueError, match="The cache holds 2 rows but this call has 1"):
+        calibrated_model(**tiny_inputs([(5, 6, 7)]), **{CACHE_KEY: cache})
+
+
+def test_image_sizes_are_honoured_or_refused(calibrated_model):
+    """`image_sizes` crashed inside the CLIP tower (as in stock LLaVA): sizes equal to the model's one image size
+    change nothing; other sizes are refused, not ignored."""
+    inputs = tiny_inputs([(5, 6, 7), (8, 9)])
+    plain = calibrated_model.generate(**inputs, max_new_tokens=4, **GREEDY)
+    stated = calibrated_model.generate(
+        **inputs, image_sizes=torch.tensor([[32, 32], [32, 32]]), max_new_tokens=4, num_beams=1, **GREEDY
+    )
+    assert torch.equal(plain.sequences, stated.sequences)
+    with pytest.raises(ValueError, match=r"image_sizes \[\[300, 500\], \[32, 32\]\] cannot be honoured"):
+        calibrated_model.generate(**inputs, image_sizes=torch.tensor([[300, 500], [32, 32]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("cut", [0, 4])
+def test_a_filled_cache_with_no_new_input_is_a_clear_error(calibrated_model, cut):
+    """An input no longer than what the cache holds: 4.57 failed with an IndexError, 5.x fed the last cached token
+    a second time (an answer unlike a fresh run's, silently; stock does the same). Refused, naming the fix."""
+    inputs = tiny_inputs([(5, 6, 7, 8)])
+    cache = calibrated_model(**inputs)[CACHE_KEY]
+    ids = inputs["input_ids"][:, : inputs["input_ids"].shape[1] - cut]
+    with pytest.raises(ValueError, match=r"already holds 21 tokens per row but the input has \d+.*followed by the new"):
+        calibrated_model.generate(
+            input_ids=ids, pixel_values=inputs["pixel_values"], max_new_tokens=3, **{CACHE_KEY: cache}
+        )
+    # the fix: the conversation so far plus new tokens
+    more = torch.cat([inputs["input_ids"], torch.tensor([[9, 10]])], dim=-1)
+    out = calibrated_model.generate(input_ids=more, max_new_tokens=3, **GREEDY, **{CACHE_KEY: cache})
+    assert out.sequences.shape[1] == more.shape[1] + 3
+
+
+def test_prefill_chunks_with_images_are_refused_on_every_version(calibrated_model):
+    """5.x's generate() refuses chunked prefill with pixel_values; 4.57's cut the image tokens across chunks and
+    failed with a misleading image-count error. Now one clear message on both (text-only chunking: item 4)."""
+    with pytest.raises(ValueError, match="prefill_chunk_size=5 with pixel_values.*prefill_chunk_size=None"):
+        calibrated_model.generate(**tiny_inputs([(5, 6, 7), (8, 9)]), max_new_tokens=3, prefill_chunk_size=5)

@@ -253,6 +253,12 @@ class DynamicLlavaModel(LlavaModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if cache is not None and cache.batch_size not in (0, inputs_embeds.shape[0]):
+            raise ValueError(
+                f"The cache holds {cache.batch_size} rows but this call has {inputs_embeds.shape[0]}. A cache "
+                "continues the same rows: pass the rows it was filled with (in the same order), or no cache to start "
+                "over."
+            )
         if training and cache is not None:
             raise ValueError(
                 "A model in training mode (sparsification on) runs without a cache: every token goes through every "
@@ -665,6 +671,20 @@ class DynamicLlavaModel(LlavaModel):
         embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == embedding).all(-1)
 
+    @staticmethod
+    def _check_image_sizes(image_sizes: Any, num_images: int, side: int) -> None:
+        """`image_sizes` (for towers that take images of any size) can only restate the one fixed size: every image
+        here is `side` x `side`, so sizes that say otherwise are refused, not ignored."""
+        if image_sizes is None:
+            return
+        sizes = torch.as_tensor(image_sizes)
+        if sizes.shape != (num_images, 2) or bool((sizes != side).any()):
+            raise ValueError(
+                f"image_sizes {sizes.tolist()} cannot be honoured: this model's vision tower takes {side}x{side} "
+                f"images only (the processor resizes every image to that), and {num_images} image(s) were given. "
+                "Drop image_sizes."
+            )
+
     def _merge_image_features(
         self, inputs_embeds, image_token_mask, pixel_values, feature_layer, select_strategy, image_sizes, cache
     ) -> tuple[torch.Tensor, ImageLayout | None]:
@@ -702,14 +722,13 @@ class DynamicLlavaModel(LlavaModel):
         layout = ImageLayout(image_token_mask, [n // per_image for n in per_row], per_image)
         tower = self.vision_tower
         tower_dtype = tower.dtype if tower.dtype.is_floating_point else pixel_values.dtype  # (quantized towers)
-        kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        self._check_image_sizes(image_sizes, pixel_values.shape[0], vision.image_size)
         out = self.get_image_features(
             pixel_values=pixel_values.to(tower_dtype),
             vision_feature_layer=feature_layer if feature_layer is not None else self.config.vision_feature_layer,
             vision_feature_select_strategy=select_strategy
             if select_strategy is not None
             else self.config.vision_feature_select_strategy,
-            **kwargs,
         )
         features = torch.cat(image_features_list(out), dim=0)
         merged = inputs_embeds.masked_scatter(
@@ -925,6 +944,18 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"{transformers_version} cannot run this combination (the stock LLaVA fails too). Pass the cache and "
                 "leave use_cache on, or drop the cache."
             )
+        if given is not None:
+            self._check_continuation(given, inputs, generation_config, kwargs)
+        chunk = kwargs.get(
+            "prefill_chunk_size", getattr(generation_config or self.generation_config, "prefill_chunk_size", None)
+        )
+        if chunk and kwargs.get("pixel_values") is not None:
+            # 5.x's generate() refuses this itself; 4.57's cut images across chunks and failed with a count error
+            raise ValueError(
+                f"prefill_chunk_size={chunk} with pixel_values: a prompt chunk cannot hold part of an image (the "
+                "images are encoded with the chunk that holds their tokens). Pass prefill_chunk_size=None for prompts "
+                "with images (chunking works for text-only prompts)."
+            )
         if implementation not in SUPPORTED_CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by Dynamic-LLaVA: its sparse layers need "
@@ -942,6 +973,36 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return super().generate(inputs, generation_config, **kwargs)
         finally:
             self.train()
+
+    def _check_continuation(self, cache: Any, inputs: Any, generation_config: Any, kwargs: dict) -> None:
+        """A filled cache continues the same rows, and generate() feeds only the tokens past it: the input must be the
+        whole conversation so far plus new tokens (else transformers fails deep inside, differently per version)."""
+        if not (hasattr(cache, "admit") and hasattr(cache, "batch_size")) or cache.batch_size == 0:
+            return  # an empty or foreign cache: _prepare_cache_for_generation builds, fills or refuses it
+        given = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if given is None or given.dim() < 2:
+            return
+        rows, length = given.shape[0], given.shape[1]
+        config = generation_config if generation_config is not None else self.generation_config
+        expand = max(
+            int(kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1),
+            int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1),
+        )
+        if cache.batch_size not in (rows, rows * expand):
+            raise ValueError(
+                f"The cache holds {cache.batch_size} rows but this call has {rows}. A cache continues the same rows: "
+                "pass the rows it was filled with (in the same order), or no cache to start over."
+            )
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            return  # stock's rule: the whole input is computed again (item 7 of issue 15)
+        cached = cache.get_seq_length()
+        if length <= cached:
+            # (5.x's generate() would feed the last cached token a second time: an answer unlike a fresh run's)
+            raise ValueError(
+                f"The cache already holds {cached} tokens per row but the input has {length}: with a filled cache, "
+                "pass the whole conversation so far (the previous call's output sequences) followed by the new "
+                "tokens; generate() feeds only the tokens past the cache. Or pass no cache to start over."
+            )
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         """Build the Dynamic-LLaVA cache (growing, or static when asked); a given cache must be ours."""
@@ -1006,10 +1067,13 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict:
         """The stock inputs, plus the images of a chunk that holds image tokens on a later turn: transformers 4.57
-        forwards `pixel_values` only when the cache is empty (5.x on the first step of every call). Goes with 4.57."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        forwards `pixel_values` only when the cache is empty (5.x on the first step of every call). Goes with 4.57.
+        `inputs_embeds` is named so that generate() accepts it (it reads this signature), as stock LLaVA does."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         if inputs.get("pixel_values") is None and kwargs.get("pixel_values") is not None:
             ids = inputs.get("input_ids")
             if ids is not None and ids.shape[1] > 1 and bool((ids == self.config.image_token_id).any()):
