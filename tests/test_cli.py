@@ -493,8 +493,5 @@ def test_serve_passes_every_argument_to_the_server(capsys, monkeypatch):
 
 
 def test_serve_help_exits_0(capsys):
-    serving = pytest.importorskip("dynamic_llava.serving")
-    if not hasattr(serving, "main"):
-        pytest.skip("dynamic_llava.serving has no main() yet (another engineer is writing it)")
     assert run(["serve", "--help"]) == 0
     assert "usage" in capsys.readouterr().out.lower()
