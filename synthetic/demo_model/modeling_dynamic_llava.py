@@ -253,12 +253,8 @@ class DynamicLlavaModel(LlavaModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if cache is not None and cache.batch_size not in (0, inputs_embeds.shape[0]):
-            raise ValueError(
-                f"The cache holds {cache.batch_size} rows but this call has {inputs_embeds.shape[0]}. A cache "
-                "continues the same rows: pass the rows it was filled with (in the same order), or no cache to start "
-                "over."
-            )
+        if cache is not None:
+            self._check_cache_rows(cache, inputs_embeds.shape[0])
         if training and cache is not None:
             raise ValueError(
                 "A model in training mode (sparsification on) runs without a cache: every token goes through every "
@@ -585,6 +581,16 @@ class DynamicLlavaModel(LlavaModel):
                 f"{settings.sparse_layer}. Pass a cache built with DynamicLlavaCache(model.config), or none."
             )
         return cache
+
+    @staticmethod
+    def _check_cache_rows(cache: DynamicLlavaCache, rows: int, expand: int = 1) -> None:
+        """A filled cache continues the same `rows` (or `rows * expand`, once generate() repeats them for beams or
+        `num_return_sequences`); an empty one takes any."""
+        if cache.batch_size not in (0, rows, rows * expand):
+            raise ValueError(
+                f"The cache holds {cache.batch_size} rows but this call has {rows}. A cache continues the same rows: "
+                "pass the rows it was filled with (in the same order), or no cache to start over."
+            )
 
     @staticmethod
     def _positions(position_ids, cache, static, past_length, batch, q, device) -> torch.Tensor:
@@ -988,11 +994,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             int(kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1),
             int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1),
         )
-        if cache.batch_size not in (rows, rows * expand):
-            raise ValueError(
-                f"The cache holds {cache.batch_size} rows but this call has {rows}. A cache continues the same rows: "
-                "pass the rows it was filled with (in the same order), or no cache to start over."
-            )
+        self.model._check_cache_rows(cache, rows, expand)
         if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
             return  # stock's rule: the whole input is computed again (item 7 of issue 15)
         cached = cache.get_seq_length()
