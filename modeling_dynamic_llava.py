@@ -248,7 +248,7 @@ class DynamicLlavaModel(LlavaModel):
             and not training
             and (use_cache if use_cache is not None else self.config.text_config.use_cache)
         ):
-            cache = DynamicLlavaCache(self.config, sparse_layer=self._sparse_layer_of(settings))
+            cache = DynamicLlavaCache(self.config, sparse_layer=settings.cache_sparse_layer)
         # a cache that is given is used and updated, whatever use_cache says (as the stock models do)
 
         if inputs_embeds is None:
@@ -327,7 +327,7 @@ class DynamicLlavaModel(LlavaModel):
         """
         lm = self.language_model
         num_layers = len(lm.layers)
-        sparse_layer = self._sparse_layer_of(settings) if cache is None else cache.sparse_layer
+        sparse_layer = settings.cache_sparse_layer if cache is None else cache.sparse_layer
         training = self.training and settings.enabled
         batch, q, _ = inputs_embeds.shape
         device = inputs_embeds.device
@@ -548,9 +548,6 @@ class DynamicLlavaModel(LlavaModel):
         return selection
 
     # ---- inputs --------------------------------------------------------------------------------------------------
-
-    def _sparse_layer_of(self, settings: SparsitySettings) -> int:
-        return settings.sparse_layer if settings.enabled else self.config.text_config.num_hidden_layers
 
     def _check_cache(self, cache: Any, settings: SparsitySettings) -> DynamicLlavaCache | None:
         """A given cache must be a Dynamic-LLaVA cache built for this model's layers and sparse layer."""
@@ -1022,7 +1019,7 @@ class DynamicLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return
         if generation_config.use_cache is False:
             return
-        sparse_layer = self.model._sparse_layer_of(settings)
+        sparse_layer = settings.cache_sparse_layer
         if generation_config.cache_implementation == "static":
             max_cache_len = args[2] if len(args) >= 3 else kwargs.get("max_cache_length", generation_config.max_length)
             model_kwargs[CACHE_KEY] = DynamicLlavaStaticCache(

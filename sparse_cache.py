@@ -34,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .sparse_masks import EMPTY, tags
+from .sparse_settings import sparsity_enabled
 from .transformers_compat import cache_from_output, query_length
 
 __all__ = [
@@ -539,8 +540,8 @@ class DynamicLlavaCache(Cache):
             text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_hidden_layers = text_config.num_hidden_layers
             if sparse_layer is None:
-                enabled = getattr(config, "use_vision_predictor", True) or getattr(
-                    config, "use_output_text_predictor", True
+                enabled = sparsity_enabled(
+                    getattr(config, "use_vision_predictor", True), getattr(config, "use_output_text_predictor", True)
                 )
                 sparse_layer = config.sparse_layer if enabled else num_hidden_layers
         if num_hidden_layers is None or sparse_layer is None:

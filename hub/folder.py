@@ -28,6 +28,7 @@ CODE_FILES = {
     "sparse_training.py": PACKAGE_ROOT / "sparse_training.py",
     "sparse_masks.py": PACKAGE_ROOT / "sparse_masks.py",
     "sparse_predictors.py": PACKAGE_ROOT / "sparse_predictors.py",
+    "sparse_settings.py": PACKAGE_ROOT / "sparse_settings.py",
     "transformers_compat.py": PACKAGE_ROOT / "transformers_compat.py",
     "processing_dynamic_llava.py": PACKAGE_ROOT / "processor" / "processing_dynamic_llava.py",
     "image_processing_dynamic_llava.py": PACKAGE_ROOT / "processor" / "image_processing_dynamic_llava.py",
