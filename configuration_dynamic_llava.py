@@ -29,12 +29,17 @@ class DynamicLlavaConfig(SparsityConfigMixin, LlavaConfig):
 
     @property
     def fixed_tokens_per_image(self) -> int | None:
-        """Tokens one image becomes (`(image_size / patch_size)^2`, plus the class token for strategy "full")."""
+        """Tokens one image becomes (every image of LLaVA-1.5 has the same count)."""
+        return self.tokens_per_image_for(None)
+
+    def tokens_per_image_for(self, select_strategy: str | None) -> int | None:
+        """Tokens one image becomes under `select_strategy` (None: the config's): `(image_size / patch_size)^2`,
+        plus the class token for "full"."""
         vision = getattr(self, "vision_config", None)
         if vision is None or not hasattr(vision, "image_size"):
             return None
-        full = getattr(self, "vision_feature_select_strategy", "default") == "full"
-        return (vision.image_size // vision.patch_size) ** 2 + (1 if full else 0)
+        strategy = select_strategy or getattr(self, "vision_feature_select_strategy", "default")
+        return (vision.image_size // vision.patch_size) ** 2 + (1 if strategy == "full" else 0)
 
     @property
     def tokens_per_image(self) -> int | None:

@@ -10,6 +10,7 @@ This file is a Hub remote-code module (flat imports only; nothing runs at import
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -25,8 +26,10 @@ __all__ = [
     "check_field",
     "normalize_field",
     "per_call_overrides",
+    "pop_per_call_fields",
     "resolve_settings",
     "sparsity_enabled",
+    "with_per_call_parameters",
 ]
 
 
@@ -404,3 +407,30 @@ class SparsityConfigMixin:
         if "vision_keep_tokens" in overrides and overrides["vision_keep_tokens"] is not None:
             self._check_keep_tokens_fit(settings.vision_keep_tokens, "per-call ")
         return settings
+
+
+# ---- signatures ------------------------------------------------------------------------------------------------------
+
+
+def with_per_call_parameters(function: Callable) -> Callable:
+    """
+    Give `function` (a `forward(..., **kwargs: Unpack[SparsityKwargs])`) a signature that names every per-call field
+    and `sparsity` as keyword-only parameters: `generate()` reads `forward`'s signature to know which of its keyword
+    arguments the model takes, so the fields reach every call of `forward` without being spelled out again.
+    """
+    signature = inspect.signature(function)
+    parameters = list(signature.parameters.values())
+    variadic = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+    named = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    added = [
+        inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        for field, annotation in {**SparsityKwargs.__annotations__, "sparsity": "SparsitySettings | None"}.items()
+        if field not in signature.parameters
+    ]
+    function.__signature__ = signature.replace(parameters=named + added + variadic)
+    return function
+
+
+def pop_per_call_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the per-call fields from `kwargs` and return them (those left None included)."""
+    return {field: kwargs.pop(field) for field in PER_CALL_FIELDS if field in kwargs}
