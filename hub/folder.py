@@ -50,7 +50,8 @@ IMAGE_PROCESSOR_AUTO_MAP = {
 # copied next to each other), the `auto_map` of processor_config.json / tokenizer_config.json, and that of
 # preprocessor_config.json. LLaVA-NeXT and Qwen2.5-VL keep the stock image processor (`image_processor_type` as the
 # stock processor writes it), so `AutoImageProcessor` resolves it exactly as for the stock model: the torchvision
-# backend where torchvision is installed (5.x), the PIL one where it is not; only `AutoProcessor` is remote.
+# backend where torchvision is installed and transformers defaults to it, the PIL one where it is not; only
+# `AutoProcessor` is remote.
 PROCESSOR_CODE_FILES = {
     "llava": {
         "processing_dynamic_llava.py": CODE_FILES["processing_dynamic_llava.py"],

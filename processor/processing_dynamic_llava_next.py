@@ -1,7 +1,7 @@
 """Processor of Dynamic LLaVA-NeXT: the stock `LlavaNextProcessor`, with clear errors for bad input.
 
-The stock processor already works without torchvision on both transformers majors: on 4.57 its image processor is
-the slow (PIL / NumPy) `LlavaNextImageProcessor`, and on 5.x `AutoImageProcessor` falls back from the
+The stock processor already works without torchvision on both transformers majors: on 4.57 and 5.0 its image
+processor is the slow (PIL / NumPy) `LlavaNextImageProcessor`, and on 5.25 `AutoImageProcessor` falls back from the
 torchvision-backed `LlavaNextImageProcessor` to `LlavaNextImageProcessorPil` when torchvision is missing. Where
 torchvision is installed nothing changes. `DynamicLlavaNextProcessor` keeps the stock code for everything it
 returns: for a prompt with one `<image>` per image,
@@ -43,8 +43,9 @@ class DynamicLlavaNextProcessor(LlavaNextProcessor):
     r"""
     The stock LLaVA-NeXT processor (anyres tiling, `<image>` expansion with the newline tokens) with clear input
     errors. Arguments are the stock ones: `image_processor` (`LlavaNextImageProcessor`, or
-    `LlavaNextImageProcessorPil` on 5.x), `tokenizer`, `patch_size`, `vision_feature_select_strategy`,
-    `chat_template`, `image_token` (`"<image>"`) and `num_additional_image_tokens` (1 for a CLIP tower's CLS).
+    `LlavaNextImageProcessorPil` where transformers has it), `tokenizer`, `patch_size`,
+    `vision_feature_select_strategy`, `chat_template`, `image_token` (`"<image>"`) and `num_additional_image_tokens`
+    (1 for a CLIP tower's CLS).
     """
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):

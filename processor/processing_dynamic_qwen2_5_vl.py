@@ -14,8 +14,8 @@ returns for images:
 - ``pixel_values`` ``[sum of t * h * w over the images, channels * temporal_patch_size * patch_size**2]`` (float32;
   ``1176`` columns for 3 channels, 2, 14);
 - ``image_grid_thw`` ``[images, 3]`` (int64);
-- ``mm_token_type_ids`` ``[batch, seq]`` (0 text, 1 image) on the transformers versions whose stock processor returns
-  it by default (5.x; 4.57 returns it with ``return_mm_token_type_ids=True``).
+- ``mm_token_type_ids`` ``[batch, seq]`` (0 text, 1 image) where the stock processor returns it by default (5.25;
+  4.57 and 5.0 return it with ``return_mm_token_type_ids=True``).
 
 On top of the stock behaviour, bad input is a clear error: a video (``videos=`` or a ``<|video_pad|>`` in the
 text), a mismatch between images and ``<|image_pad|>`` placeholders, a missing or unreadable image file. The default
@@ -67,15 +67,16 @@ class DynamicQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
     Args:
         image_processor ([`Qwen2VLImageProcessor`]):
-            The image processor: the PIL one (`Qwen2VLImageProcessorPil` on transformers 5.x, the slow
-            `Qwen2VLImageProcessor` on 4.57) works without torchvision; a torchvision-backed one works too.
+            The image processor: the PIL one (`Qwen2VLImageProcessorPil` where transformers has it, as 5.25; the
+            slow `Qwen2VLImageProcessor` on 4.57 and 5.0) works without torchvision; a torchvision-backed one works
+            too.
         tokenizer ([`Qwen2TokenizerFast`] / [`Qwen2Tokenizer`]):
             The tokenizer; it must know `<|image_pad|>` (or define `image_token`).
         chat_template (`str`, *optional*):
             Jinja chat template; defaults to `QWEN2_5_VL_CHAT_TEMPLATE` (the stock Qwen2.5-VL-Instruct one).
     """
 
-    # transformers 4.57 reads the sub-processors from `attributes`; 5.x from the `__init__` signature
+    # transformers 4.57 reads the sub-processors from `attributes`; newer versions from the `__init__` signature
     attributes = ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):

@@ -1,7 +1,8 @@
 """The processors of the LLaVA-NeXT and Qwen2.5-VL Dynamic folders (`DynamicLlavaNextProcessor`,
 `DynamicQwen2_5_VLProcessor`): equal to the stock processors on images and text, without torchvision, through
 `apply_chat_template`, the pipeline, save / load and `AutoProcessor` from a remote-code folder in a fresh process,
-with clear errors for bad input. Tiny local processors (`fixtures.bases`), offline, on transformers 4.57 and 5.x."""
+with clear errors for bad input. Tiny local processors (`fixtures.bases`), offline, on transformers 4.57 and 5.x
+(5.0 and 5.25)."""
 
 import importlib.util
 import json
@@ -64,6 +65,8 @@ from fixtures.processor_inputs import noise_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+# the versions with separate PIL image processor classes (5.25; not 4.57 nor 5.0, whose default classes are PIL)
+HAS_PIL_CLASSES = hasattr(transformers, "LlavaNextImageProcessorPil")
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -292,8 +295,9 @@ def test_qwen_matches_stock_processor(qwen, case):
     assert_same_batch(ours, stock)
     if "images" in kwargs:
         assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"} <= set(ours.keys())
-    # mm_token_type_ids exactly where the stock processor returns it: by default on 5.x, on request on 4.57
-    assert ("mm_token_type_ids" in ours) == (IS_V5 or case == "mm_token_type_ids_requested")
+    # mm_token_type_ids exactly where the stock processor returns it: by default on 5.25, on request on 4.57 / 5.0
+    stock_default = "mm_token_type_ids" in stock_qwen()(text="x")
+    assert ("mm_token_type_ids" in ours) == (stock_default or case == "mm_token_type_ids_requested")
 
 
 def test_qwen_matches_stock_image_processor_tokenizer_and_expansion_rule(qwen):
@@ -311,7 +315,8 @@ def test_qwen_matches_stock_image_processor_tokenizer_and_expansion_rule(qwen):
     tokens = tokenizer(expanded, padding=True, return_tensors="pt")
     assert torch.equal(out["input_ids"], tokens["input_ids"])
     assert torch.equal(out["attention_mask"], tokens["attention_mask"])
-    if IS_V5:
+    assert ("mm_token_type_ids" in out) == ("mm_token_type_ids" in stock_qwen()(text="x"))
+    if "mm_token_type_ids" in out:
         assert torch.equal(out["mm_token_type_ids"], (tokens["input_ids"] == QWEN_IMAGE_TOKEN_ID).long())
 
 
@@ -485,7 +490,7 @@ def test_save_load_round_trip(base, qwen, llava_next, tmp_path):
 
 def test_stock_llava_next_processor_needs_no_torchvision_through_auto_processor(tmp_path):
     """Finding: the stock `LlavaNextProcessor` works here on both majors, also through `AutoProcessor` from a folder
-    the stock processor saved (5.x's `AutoImageProcessor` falls back to the PIL backend without torchvision)."""
+    the stock processor saved (5.25's `AutoImageProcessor` falls back to the PIL backend without torchvision)."""
     stock = stock_llava_next()
     stock.save_pretrained(str(tmp_path))
     loaded = AutoProcessor.from_pretrained(str(tmp_path))
@@ -493,10 +498,10 @@ def test_stock_llava_next_processor_needs_no_torchvision_through_auto_processor(
     kwargs = llava_next_parity_inputs()["batch_mixed_tiles"]
     if not HAS_TORCHVISION:
         assert type(loaded.image_processor).__name__ == (
-            "LlavaNextImageProcessorPil" if IS_V5 else "LlavaNextImageProcessor"
+            "LlavaNextImageProcessorPil" if HAS_PIL_CLASSES else "LlavaNextImageProcessor"
         )
         assert_same_batch(loaded(**kwargs, return_tensors="pt"), stock(**kwargs, return_tensors="pt"))
-    else:  # the torchvision backend where 5.x defaults to it: the text side is the same
+    else:  # the torchvision backend where transformers defaults to it: the text side is the same
         a, b = loaded(**kwargs, return_tensors="pt"), stock(**kwargs, return_tensors="pt")
         assert torch.equal(a["input_ids"], b["input_ids"]) and a["pixel_values"].shape == b["pixel_values"].shape
 
@@ -644,7 +649,8 @@ def test_processing_without_torchvision_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("base", ["qwen2_5_vl", "llava_next"])
 def test_with_torchvision_the_folder_gets_the_stock_image_processor(base, qwen, llava_next, tmp_path):
     """With torchvision, the processor from a folder uses the image processor `AutoImageProcessor` gives for that
-    folder (the torchvision backend on 5.x, as the stock processor), and equals the stock processor built on it."""
+    folder (the torchvision backend where transformers defaults to it, as for the stock processor), and equals the
+    stock processor built on it."""
     processor = qwen if base == "qwen2_5_vl" else llava_next
     processor.save_pretrained(str(tmp_path))
     loaded = type(processor).from_pretrained(str(tmp_path))
