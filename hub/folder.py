@@ -53,6 +53,39 @@ IMAGE_PROCESSOR_AUTO_MAP = {
     "AutoProcessor": "processing_dynamic_llava.DynamicLlavaProcessor",
 }
 
+# The processor side of each base's folder, by the stock `model_type` of the base: its remote-code files (flat, all
+# copied next to each other), the `auto_map` of processor_config.json / tokenizer_config.json, and that of
+# preprocessor_config.json. LLaVA-NeXT and Qwen2.5-VL keep the stock image processor (`image_processor_type` as the
+# stock processor writes it), so `AutoImageProcessor` resolves it exactly as for the stock model: the torchvision
+# backend where torchvision is installed and transformers defaults to it, the PIL one where it is not; only
+# `AutoProcessor` is remote.
+PROCESSOR_CODE_FILES = {
+    "llava": {
+        "processing_dynamic_llava.py": CODE_FILES["processing_dynamic_llava.py"],
+        "image_processing_dynamic_llava.py": CODE_FILES["image_processing_dynamic_llava.py"],
+    },
+    "llava_next": {
+        "processing_dynamic_llava_next.py": PACKAGE_ROOT / "processor" / "processing_dynamic_llava_next.py",
+        "processing_dynamic_common.py": PACKAGE_ROOT / "processor" / "processing_dynamic_common.py",
+        "image_processing_dynamic_llava.py": CODE_FILES["image_processing_dynamic_llava.py"],
+    },
+    "qwen2_5_vl": {
+        "processing_dynamic_qwen2_5_vl.py": PACKAGE_ROOT / "processor" / "processing_dynamic_qwen2_5_vl.py",
+        "processing_dynamic_common.py": PACKAGE_ROOT / "processor" / "processing_dynamic_common.py",
+        "image_processing_dynamic_llava.py": CODE_FILES["image_processing_dynamic_llava.py"],
+    },
+}
+BASE_PROCESSOR_AUTO_MAPS = {
+    "llava": PROCESSOR_AUTO_MAP,
+    "llava_next": {"AutoProcessor": "processing_dynamic_llava_next.DynamicLlavaNextProcessor"},
+    "qwen2_5_vl": {"AutoProcessor": "processing_dynamic_qwen2_5_vl.DynamicQwen2_5_VLProcessor"},
+}
+BASE_IMAGE_PROCESSOR_AUTO_MAPS = {
+    "llava": IMAGE_PROCESSOR_AUTO_MAP,
+    "llava_next": BASE_PROCESSOR_AUTO_MAPS["llava_next"],
+    "qwen2_5_vl": BASE_PROCESSOR_AUTO_MAPS["qwen2_5_vl"],
+}
+
 
 def parse_size(size: int | str) -> int:
     """'5GB', '500MB', '10KB' or an int -> bytes."""
