@@ -104,6 +104,10 @@ class DynamicQwen2_5_VLModel(SparseModelMixin, Qwen2_5_VLModel):
         given_rope = None
         if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 3:
             given_rope, position_ids = position_ids, None
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # text positions from the padding mask (as the stock model derives its rotary ones)
+            q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
         return self.sparse_forward(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -191,12 +195,19 @@ class DynamicQwen2_5_VLModel(SparseModelMixin, Qwen2_5_VLModel):
                 "(or position_ids [3, batch, q] with inputs_embeds)."
             )
         valid = call["token_valid"]
-        relative, chunk_offsets = qwen_rope_index(self, input_ids, image_inputs["image_grid_thw"], valid.long())
+        relative, _ = qwen_rope_index(self, input_ids, image_inputs["image_grid_thw"], valid.long())
         start = positions.masked_fill(~valid, torch.iinfo(torch.long).max).min(-1, keepdim=True).values  # [B, 1]
-        start = torch.where(valid.any(-1, keepdim=True), start, torch.zeros_like(start))
+        any_valid = valid.any(-1, keepdim=True)
+        start = torch.where(any_valid, start, torch.zeros_like(start))
+        rope = relative.to(positions.device) + (start + offsets)[None]
         if cache is not None:
-            cache.set_row_state("rope_deltas", offsets + chunk_offsets.to(offsets))
-        return relative.to(positions.device) + (start + offsets)[None]
+            # the row's offset after this chunk: its last rotary position minus its last text position (the stock
+            # offsets of 4.57 and 5.x count padding differently: derived here from the positions themselves)
+            low = torch.iinfo(torch.long).min
+            last_rope = rope.masked_fill(~valid[None], low).amax(dim=(0, 2)).view(-1, 1)
+            last_text = positions.masked_fill(~valid, low).amax(dim=-1, keepdim=True)
+            cache.set_row_state("rope_deltas", torch.where(any_valid, last_rope - last_text, offsets))
+        return rope
 
     def gather_rope_positions(self, rope_positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """`[3, batch, q]` -> `[3, batch, c]`: the three rotary positions of the kept tokens."""

@@ -34,7 +34,7 @@ from .sparse_predictors import run_predictor
 from .sparse_scorers import attention_received, image_keep_scores
 from .sparse_settings import SparsitySettings
 from .sparse_training import answer_span, budget_loss, straight_through_keep
-from .transformers_compat import CACHE_KEY, decoder_layer_kwargs, dense_causal_mask
+from .transformers_compat import CACHE_KEY, decoder_layer_kwargs, dense_causal_mask, layer_output
 
 __all__ = [
     "DynamicLlavaCausalLMOutput",
@@ -315,10 +315,10 @@ def run_dense_layers(model: Any, call: SparseCall, inputs_embeds: torch.Tensor) 
     for index, layer in enumerate(lm.layers[: call.sparse_layer]):
         if wants_scores and index == call.sparse_layer - 1:
             entering = hidden
-            hidden = layer(hidden, **kwargs)
+            hidden = layer_output(layer(hidden, **kwargs))
             received = attention_received(layer, entering, rope, call, dense_keys)
         else:
-            hidden = layer(hidden, **kwargs)
+            hidden = layer_output(layer(hidden, **kwargs))
     return DenseResult(hidden=hidden, received=received)
 
 
@@ -535,7 +535,7 @@ def run_sparse_layers(model: Any, call: SparseCall, computed: Computed, selectio
     if call.training:
         kwargs["dynamic_llava_keep"] = selection.keep
     for layer in lm.layers[call.sparse_layer :]:
-        hidden = layer(hidden, **kwargs)
+        hidden = layer_output(layer(hidden, **kwargs))
     return hidden
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "hub_key",
     "image_features_list",
     "keep_in_fp32_names",
+    "layer_output",
     "lazy_initialization_takes_values",
     "qwen_rope_index",
     "query_length",
@@ -273,3 +274,9 @@ def qwen_rope_index(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.T
             input_ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
     return model.get_rope_index(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states: 4.57's Qwen2.5-VL layers return a tuple `(hidden_states, ...)`, the others
+    (and every 5.x layer) the tensor itself. Goes with 4.57."""
+    return output[0] if isinstance(output, tuple) else output
