@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from dynamic_llava.hub.export import export_model  # noqa: E402
 from dynamic_llava.hub.loading import load_local  # noqa: E402
-from dynamic_llava.synthetic import DEMO_MODEL, IMAGE_SIZE  # noqa: E402
+from dynamic_llava.package_data import DEMO_MODEL  # noqa: E402
+from dynamic_llava.synthetic import IMAGE_SIZE  # noqa: E402
 from dynamic_llava.synthetic.task import make_sample, sample_rng  # noqa: E402
 
 pytestmark = pytest.mark.slow
