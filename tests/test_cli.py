@@ -594,6 +594,10 @@ for command in [None, *sys.argv[1:], "serve"]:
     except SystemExit as exit_:
         code = exit_.code
     report.setdefault("exit", {})[command or ""] = code
+try:
+    cli.main(["--version"])
+except SystemExit as exit_:
+    report["version_exit"] = exit_.code
 report["cli_added_heavy"] = sorted(
     m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "transformers")
 )
@@ -618,6 +622,9 @@ def test_every_help_answers_without_loading_torch_or_transformers(help_report):
     assert set(report["modules"]) == commands | {"__main__", "common", "flags"}
     assert report["isolated_exit"] == {command: 0 for command in SUBCOMMANDS}
     assert report["exit"] == {command: 0 for command in ["", *SUBCOMMANDS, "serve"]}
+    from importlib.metadata import version
+
+    assert report["version_exit"] == 0 and f"dynamic-llava {version('dynamic-llava')}\n" in out
     for command in [*SUBCOMMANDS, "serve"]:
         assert f"usage: dynamic-llava {command}" in out
     assert report["isolated_heavy"] == []  # every cli module imports them inside the commands only
