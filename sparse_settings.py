@@ -24,6 +24,7 @@ __all__ = [
     "SparsityKwargs",
     "SparsitySettings",
     "check_field",
+    "check_overrides",
     "normalize_field",
     "per_call_overrides",
     "pop_per_call_fields",
@@ -241,6 +242,28 @@ def per_call_overrides(*sources: Mapping[str, Any] | Any | None) -> dict[str, An
     return found
 
 
+def check_overrides(overrides: Mapping[str, Any], where: str = "per-call ") -> dict[str, Any]:
+    """
+    The checks of one call's overrides that need no config (every front-end calls it before loading a model, and
+    `resolve_settings` calls it): only `PER_CALL_FIELDS`; not both `vision_keep_tokens` and `vision_keep_rate`; each
+    value valid (`check_field`). Returns the given fields (None = not given, left out), normalized.
+    """
+    unknown = [field for field in overrides if field not in PER_CALL_FIELDS]
+    if unknown:
+        raise TypeError(
+            f"{', '.join(unknown)} cannot be set per call; per-call sparsity fields: {', '.join(PER_CALL_FIELDS)}"
+        )
+    given = {field: value for field, value in overrides.items() if value is not None}
+    if "vision_keep_tokens" in given and "vision_keep_rate" in given:
+        raise ValueError(
+            f"{where}vision_keep_tokens={given['vision_keep_tokens']!r} and vision_keep_rate="
+            f"{given['vision_keep_rate']!r} were both given: pass one (tokens kept per image, or a fraction of them)."
+        )
+    for field, value in given.items():
+        check_field(where, field, value)
+    return {field: normalize_field(field, value) for field, value in given.items()}
+
+
 def resolve_settings(
     config: Any, overrides: Mapping[str, Any], num_hidden_layers: int, where: str = "per-call "
 ) -> SparsitySettings:
@@ -254,23 +277,11 @@ def resolve_settings(
         overrides: field -> value (None = the config's); only `PER_CALL_FIELDS`.
         num_hidden_layers: layers of the language model (all dense when sparsity is off).
     """
-    unknown = [field for field in overrides if field not in PER_CALL_FIELDS]
-    if unknown:
-        raise TypeError(
-            f"{', '.join(unknown)} cannot be set per call; per-call sparsity fields: {', '.join(PER_CALL_FIELDS)}"
-        )
-    given = {field: value for field, value in overrides.items() if value is not None}
-    if "vision_keep_tokens" in given and "vision_keep_rate" in given:
-        raise ValueError(
-            f"{where}vision_keep_tokens={given['vision_keep_tokens']!r} and vision_keep_rate="
-            f"{given['vision_keep_rate']!r} were both given: pass one (tokens kept per image, or a fraction of them)."
-        )
+    given = check_overrides(overrides, where)
     values = {field: getattr(config, field, None) for field in PER_CALL_FIELDS}
     if values["image_scorer"] is None:
         values["image_scorer"] = "predictor"
-    for field, value in given.items():
-        check_field(where, field, value)
-        values[field] = normalize_field(field, value)
+    values.update(given)
     if "vision_keep_rate" in given:
         values["vision_keep_tokens"] = None  # an explicit per-call rate wins over the config's token count
     return SparsitySettings(sparse_layer=config.sparse_layer, num_hidden_layers=num_hidden_layers, **values)

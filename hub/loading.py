@@ -98,7 +98,7 @@ def model_folder(name: str | os.PathLike | None) -> Path:
     The checked folder (`check_model_folder`) of `name`: a local folder, a Hub repository id (downloaded, see
     `resolve_model`), or None for the embedded demo model.
     """
-    from ..synthetic import DEMO_MODEL
+    from ..package_data import DEMO_MODEL
 
     if name is None:
         if not (DEMO_MODEL / "model.safetensors").is_file():

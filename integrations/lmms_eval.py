@@ -14,11 +14,12 @@ imported only when `--model dynamic_llava` is asked for)::
   folder without code files loads too).
 - `dtype`: `auto` (default: the stored dtype), `float32`, `bfloat16`, `float16`.
 - `device`: `cpu`, `cuda`, `cuda:N` (also `--device`; default cuda when available, else cpu).
-- `vision_keep_tokens=K` or `vision_keep_rate=R`: vision tokens kept per image at prefill (K, or int(R x tokens per
-  image)); `use_vision_predictor`, `use_output_text_predictor` (True/False); `no_sparsity=True` (both predictors
-  off: the stock LLaVA computation on the same weights). Each is passed to every `generate()` call (the per-call
-  arguments of `DynamicLlavaForConditionalGeneration.generate`); the config is not changed. Unset: the folder's
-  config decides.
+- every per-call sparsity field of `generate()` (`sparse_settings.SparsityKwargs`: `vision_keep_tokens=K` or
+  `vision_keep_rate=R`, `use_vision_predictor`, `use_output_text_predictor` (True/False), `image_scorer=predictor` or
+  `attention`, ...), and `no_sparsity=True` (`SPARSITY_OFF`: both predictors off, the stock LLaVA computation on the
+  same weights). Each is passed to every `generate()` call; the config is not changed. Unset: the folder's config
+  decides. They are read, checked and combined by `sparsity_options.sparsity_request`, the rules of the command line
+  too (both `vision_keep_tokens` and `vision_keep_rate` is the library's own error).
 
 The batch size is `--batch_size N` (lmms-eval passes it to the constructor itself; `batch_size=` inside `--model_args`
 too is refused by Python as a duplicate keyword).
@@ -53,10 +54,20 @@ from typing import Any
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
+from ..sparsity_options import NO_SPARSITY, sparsity_options, sparsity_request
+
 MODEL_ID = "dynamic_llava"
 TASK_FILES = Path(__file__).resolve().parent / "lmms_eval_tasks"
 
-__all__ = ["MODEL_ID", "DynamicLlava", "DynamicLlavaSimple", "manifests", "sparsity_for", "write_synthetic_task"]
+__all__ = [
+    "MODEL_ID",
+    "DynamicLlava",
+    "DynamicLlavaSimple",
+    "manifests",
+    "sparsity_arguments",
+    "sparsity_for",
+    "write_synthetic_task",
+]
 
 
 def manifests() -> list:
@@ -118,47 +129,12 @@ def _as_bool(name: str, value: Any) -> bool | None:
     raise ValueError(f"dynamic_llava: {name} must be True or False, got {value!r}")
 
 
-def _as_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"dynamic_llava: {name} must be an integer, got {value!r}")
+def sparsity_arguments(no_sparsity: Any = False, **fields: Any) -> dict[str, Any]:
+    """model_args -> the per-call sparsity keywords of `generate()` (only those that are set; text or typed values)."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"dynamic_llava: {name} must be an integer, got {value!r}") from None
-
-
-def _as_float(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"dynamic_llava: {name} must be a number, got {value!r}") from None
-
-
-def sparsity_arguments(
-    vision_keep_tokens: Any = None,
-    vision_keep_rate: Any = None,
-    use_vision_predictor: Any = None,
-    use_output_text_predictor: Any = None,
-    no_sparsity: Any = False,
-) -> dict[str, Any]:
-    """model_args -> the per-call sparsity keywords of `generate()` (only those that are set)."""
-    if vision_keep_tokens is not None and vision_keep_rate is not None:
-        raise ValueError("dynamic_llava: give vision_keep_tokens or vision_keep_rate, not both")
-    args = {
-        "vision_keep_tokens": _as_int("vision_keep_tokens", vision_keep_tokens),
-        "vision_keep_rate": _as_float("vision_keep_rate", vision_keep_rate),
-        "use_vision_predictor": _as_bool("use_vision_predictor", use_vision_predictor),
-        "use_output_text_predictor": _as_bool("use_output_text_predictor", use_output_text_predictor),
-    }
-    if _as_bool("no_sparsity", no_sparsity):
-        if True in (args["use_vision_predictor"], args["use_output_text_predictor"]):
-            raise ValueError("dynamic_llava: no_sparsity=True turns both predictors off; drop use_*_predictor=True")
-        args["use_vision_predictor"] = args["use_output_text_predictor"] = False
-    return {key: value for key, value in args.items() if value is not None}
+        return sparsity_request(fields, no_sparsity)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"dynamic_llava: {error}") from None
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
@@ -176,23 +152,21 @@ class DynamicLlava(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
-        vision_keep_tokens: int | None = None,
-        vision_keep_rate: float | None = None,
-        use_vision_predictor: bool | None = None,
-        use_output_text_predictor: bool | None = None,
         no_sparsity: bool = False,
-        **unknown: Any,
+        **model_args: Any,
     ) -> None:
         super().__init__()
         import torch
 
         from ..hub.loading import load_local, resolve_model
 
-        if unknown:
+        fields = [option.field for option in sparsity_options()]
+        sparsity = {field: model_args.pop(field) for field in fields if field in model_args}
+        if model_args:
+            known = ", ".join(("pretrained", "dtype", "device", *fields, NO_SPARSITY))
             raise ValueError(
-                f"dynamic_llava: unknown model_args {sorted(unknown)}; known: pretrained, dtype, device, "
-                "vision_keep_tokens, vision_keep_rate, use_vision_predictor, use_output_text_predictor, no_sparsity "
-                "(the batch size is --batch_size)"
+                f"dynamic_llava: unknown model_args {sorted(model_args)}; known: {known} (the batch size is "
+                "--batch_size)"
             )
         if str(batch_size).startswith("auto"):
             raise ValueError("dynamic_llava: --batch_size auto is not supported; give a number")
@@ -201,9 +175,7 @@ class DynamicLlava(lmms):
             raise ValueError(f"dynamic_llava: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         torch_dtype = _DTYPES[str(dtype)]
         torch_dtype = None if torch_dtype == "auto" else getattr(torch, torch_dtype)
-        self.generate_sparsity = sparsity_arguments(
-            vision_keep_tokens, vision_keep_rate, use_vision_predictor, use_output_text_predictor, no_sparsity
-        )
+        self.generate_sparsity = sparsity_arguments(no_sparsity, **sparsity)
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"

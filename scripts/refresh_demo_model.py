@@ -15,7 +15,7 @@ from pathlib import Path
 import transformers
 
 from dynamic_llava.hub.export import export_model
-from dynamic_llava.synthetic import DEMO_MODEL
+from dynamic_llava.package_data import DEMO_MODEL
 from dynamic_llava.synthetic.train import SYNTHETIC_ABOUT
 
 RESULTS = """Measured on 500 held-out questions (seed 1; the training stream never contains them) with

@@ -5,10 +5,11 @@ Stock `transformers serve MODEL --trust-remote-code` cannot serve this model on 
 takes the class as an attribute of the `transformers` module (`getattr(transformers, config.architectures[0])`) and
 classifies the model as LLM / VLM by looking its class name up in transformers' own mapping tables, so a remote-code
 or third-party class is neither loaded nor classified. This command runs transformers' own app and handlers and
-replaces only those two look-ups, by subclassing (nothing in transformers is patched); see `serving.server` and
+replaces only those two look-ups, by subclassing (nothing in transformers is patched), with one adapter per server
+generation of transformers (`serving.server` picks it by feature detection; `serving.model` is what they share); see
 docs/integrations.md.
 
-This module parses the flags without importing torch or transformers; the server lives in `serving.server`.
+This module parses the flags without importing torch or transformers.
 """
 
 from __future__ import annotations
@@ -112,5 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return server.serve(opts)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError, ImportError) as error:
-        return _fail(f"{PROG}: error: {error}")
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        return _fail(f"{PROG}: error: {message or type(error).__name__}")

@@ -11,6 +11,7 @@ from transformers.utils import logging
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..processor import DynamicLlavaProcessor
 from ..sparse_cache import DynamicLlavaCache, cache_from_output
+from ..sparsity_options import sparsity_request
 from . import IMAGE_SIZE, PATCH
 from .task import is_correct, make_sample, object_patches, prompt_inputs, sample_rng
 
@@ -36,35 +37,23 @@ def evaluate_synthetic(
     no_sparsity: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 25,
-    vision_keep_tokens: int | None = None,
-    vision_keep_rate: float | None = None,
-    use_vision_predictor: bool | None = None,
-    use_output_text_predictor: bool | None = None,
     generate_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
+    **sparsity: Any,
 ) -> dict[str, Any]:
     """
     Fresh questions from `seed`; greedy answers; one dict of accuracy, keep rates and object patch recall.
 
-    The sparsity of the run is passed to each `generate()` call (the model's config is not changed):
-    `vision_keep_tokens`, `vision_keep_rate`, `use_vision_predictor`, `use_output_text_predictor` (None: the
-    config's); `no_sparsity` turns both predictors off. `generate_kwargs` go to `generate()` as well (sampling,
-    beams). `progress`: a progress bar (tqdm, to stderr) over the questions.
+    The sparsity of the run is passed to each `generate()` call (the model's config is not changed): `**sparsity`
+    are the per-call fields of `sparse_settings.SparsityKwargs` (`vision_keep_tokens`, `vision_keep_rate`,
+    `use_vision_predictor`, ...; None: the config's); `no_sparsity` is `SPARSITY_OFF`; the rules of
+    `sparsity_options.sparsity_request` apply. `generate_kwargs` go to `generate()` as well (sampling, beams).
+    `progress`: a progress bar (tqdm, to stderr) over the questions.
     """
     _check_count("n (the number of questions)", n)
     _check_count("batch_size", batch_size)
     _check_count("max_new_tokens", max_new_tokens)
-    if no_sparsity:
-        if use_vision_predictor or use_output_text_predictor:
-            raise ValueError("no_sparsity=True turns both predictors off; do not also turn one on")
-        use_vision_predictor = use_output_text_predictor = False
-    sparsity = {
-        "vision_keep_tokens": vision_keep_tokens,
-        "vision_keep_rate": vision_keep_rate,
-        "use_vision_predictor": use_vision_predictor,
-        "use_output_text_predictor": use_output_text_predictor,
-    }
-    sparsity = {key: value for key, value in sparsity.items() if value is not None}
+    sparsity = sparsity_request(sparsity, no_sparsity)
     # validated up front, as generate() would (one clear ValueError before any question runs)
     settings = model.config.sparsity_settings(**sparsity)
     kwargs = {"do_sample": False, **(generate_kwargs or {}), **sparsity}

@@ -12,7 +12,6 @@ import pytest
 
 from dynamic_llava.cli import main
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = [
     "demo",
     "generate",
@@ -318,7 +317,7 @@ def test_other_usage_errors_are_one_line(capsys):
     assert_fails(capsys, ["demo", "--bogus"], "unrecognized arguments: --bogus")
     assert_fails(capsys, ["generate"], "--prompt")  # required
     assert_fails(capsys, ["demo", "--temperature", "0.5"], "--temperature", "--do-sample")
-    assert_fails(capsys, ["demo", "--vision-keep-tokens", "4", "--vision-keep-rate", "0.5"], "not both")
+    assert_fails(capsys, ["demo", "--vision-keep-tokens", "4", "--vision-keep-rate", "0.5"], "were both given")
     assert_fails(capsys, ["demo", "--vision-keep-rate", "0.5", "--no-sparsity"], "--no-sparsity")
     assert_fails(capsys, ["demo", "--vision-keep-rate", "1.5"], "(0, 1]")
     assert_fails(capsys, ["demo", "--max-new-tokens", "0"], "at least 1")
@@ -329,6 +328,7 @@ def test_other_usage_errors_are_one_line(capsys):
 
 
 def test_bench_flags_reach_the_real_run_bench_signature(capsys, monkeypatch):
+    import functools
     import inspect
 
     import dynamic_llava.bench.run as bench_run
@@ -336,6 +336,7 @@ def test_bench_flags_reach_the_real_run_bench_signature(capsys, monkeypatch):
     signature = inspect.signature(bench_run.run_bench)
     seen = {}
 
+    @functools.wraps(bench_run.run_bench)  # the command reads run_bench's parameters: the real ones
     def fake_run_bench(*args, **kwargs):
         signature.bind(*args, **kwargs)  # the arguments the command passes fit the real run_bench
         seen.clear()
@@ -346,7 +347,7 @@ def test_bench_flags_reach_the_real_run_bench_signature(capsys, monkeypatch):
     monkeypatch.setattr(bench_run, "format_table", lambda results: "the table")
     flags = ["--compile", "--memory-budget", "2", "--batch-sizes", "1,4", "--no-output-text-predictor"]
     flags += ["--decode-batch", "0", "--no-ragged", "--compile-batches", "1,2", "--compile-mode", "default"]
-    flags += ["--count-steps", "16", "--seed", "3", "--no-progress", "--no-vision-predictor", "--repeats", "2"]
+    flags += ["--count-steps", "16", "--seed", "3", "--no-progress", "--repeats", "2"]
     assert main(["bench", *flags, "--vision-keep-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == "the table"
     assert seen == dict(
@@ -355,7 +356,6 @@ def test_bench_flags_reach_the_real_run_bench_signature(capsys, monkeypatch):
         memory_budget_gb=2.0,
         throughput_batches=[1, 4],
         use_output_text_predictor=False,
-        use_vision_predictor=False,
         decode_batch=None,
         ragged=False,
         compile_batches=[1, 2],
@@ -369,7 +369,171 @@ def test_bench_flags_reach_the_real_run_bench_signature(capsys, monkeypatch):
     assert main(["bench"]) == 0  # the defaults: run_bench's own
     assert seen["compiled"] is None and seen["vision_keep_tokens"] is None and seen["decode_batch"] == 8
     assert main(["bench", "--vision-keep-rate", "0.25"]) == 0 and seen["vision_keep_rate"] == 0.25
-    assert_fails(capsys, ["bench", "--vision-keep-rate", "0.25", "--vision-keep-tokens", "4"], "not both")
+    assert main(["bench", "--no-vision-predictor"]) == 0 and seen["use_vision_predictor"] is False
+    assert main(["bench", "--no-sparsity"]) == 0
+    assert (seen["use_vision_predictor"], seen["use_output_text_predictor"]) == (False, False)
+    assert_fails(capsys, ["bench", "--vision-keep-rate", "0.25", "--vision-keep-tokens", "4"], "were both given")
+    # a keep count with the vision predictor off cannot be honoured: refused, as in every other command
+    line = assert_fails(capsys, ["bench", "--no-vision-predictor", "--vision-keep-tokens", "8"])
+    assert "--vision-keep-tokens 8 applies only with use_vision_predictor=True, and --no-vision-predictor" in line
+    # a per-call field that run_bench does not take cannot be measured: refused, not ignored; one it takes goes
+    from dynamic_llava.cli import build_parser
+    from dynamic_llava.cli.bench import run_bench_kwargs
+    from dynamic_llava.cli.common import UsageError
+
+    args = build_parser().parse_args(["bench", "--image-scorer", "attention"])
+    accepted = set(signature.parameters) - {"image_scorer"}
+    with pytest.raises(UsageError, match="--image-scorer attention: the bench cannot run it"):
+        run_bench_kwargs(args, accepted)
+    assert run_bench_kwargs(args, accepted | {"image_scorer"})["image_scorer"] == "attention"
+
+
+# ---- flags: the sparsity flags are derived from the declaration (sparse_settings) -------------------------------
+
+
+@pytest.fixture
+def declared_extra_fields(monkeypatch):
+    """Two per-call fields added to the declaration only (an int and a bool), as a new field would be."""
+    from dynamic_llava import sparse_settings
+
+    fields = {"vision_keep_min": "int | None", "use_extra_predictor": "bool | None"}
+    for field, hint in fields.items():
+        monkeypatch.setitem(sparse_settings.SparsityKwargs.__annotations__, field, hint)
+    monkeypatch.setattr(sparse_settings, "PER_CALL_FIELDS", (*sparse_settings.PER_CALL_FIELDS, *fields))
+    monkeypatch.setitem(sparse_settings.FIELD_HELP, "vision_keep_min", "the fewest image tokens kept per image")
+    monkeypatch.setitem(sparse_settings.FIELD_HELP, "use_extra_predictor", "run the extra predictor")
+    monkeypatch.setitem(sparse_settings.FIELD_CHECKS, "vision_keep_min", sparse_settings.FIELD_CHECKS["sparse_layer"])
+    monkeypatch.setitem(
+        sparse_settings.FIELD_CHECKS, "use_extra_predictor", sparse_settings.FIELD_CHECKS["use_vision_predictor"]
+    )
+    return fields
+
+
+@pytest.mark.parametrize("command", ["demo", "generate", "chat", "evaluate", "bench"])
+def test_a_field_added_to_the_declaration_is_a_flag_with_its_help_and_check(capsys, declared_extra_fields, command):
+    from dynamic_llava.cli import build_parser
+    from dynamic_llava.cli.common import sparsity_kwargs
+
+    parser = build_parser()
+    prompt = ["--prompt", "What colour is the object?"] if command == "generate" else []
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--vision-keep-min MIN the fewest image tokens kept per image" in help_text
+    assert "--extra-predictor, --no-extra-predictor run the extra predictor: on / off" in help_text
+    args = parser.parse_args([command, *prompt, "--vision-keep-min", "3", "--no-extra-predictor"])
+    assert sparsity_kwargs(args) == {"vision_keep_min": 3, "use_extra_predictor": False}
+    # its check is the declaration's: one line, exit code 2
+    assert_fails(capsys, [command, *prompt, "--vision-keep-min", "0"], "vision_keep_min is 0, below 1")
+    assert_fails(capsys, [command, *prompt, "--vision-keep-min", "many"], "vision_keep_min must be an integer")
+
+
+def test_a_field_added_to_the_declaration_reaches_generate_and_run_bench(declared_extra_fields):
+    import inspect
+
+    from dynamic_llava.bench.run import run_bench
+    from dynamic_llava.cli import build_parser
+    from dynamic_llava.cli.bench import run_bench_kwargs
+    from dynamic_llava.cli.common import UsageError, generation_kwargs
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--vision-keep-min", "5", "--extra-predictor"])
+    assert generation_kwargs(args) == dict(
+        max_new_tokens=64, do_sample=False, num_beams=1, vision_keep_min=5, use_extra_predictor=True
+    )
+    args = build_parser().parse_args(["bench", "--vision-keep-min", "5"])
+    accepted = set(inspect.signature(run_bench).parameters)
+    with pytest.raises(UsageError, match="--vision-keep-min 5: the bench cannot run it"):
+        run_bench_kwargs(args, accepted)  # this run_bench has no such parameter: refused, not ignored
+    kwargs = run_bench_kwargs(args, accepted | set(declared_extra_fields))
+    assert kwargs["vision_keep_min"] == 5 and kwargs["use_extra_predictor"] is None
+
+
+def test_no_sparsity_is_the_declared_off(capsys, monkeypatch):
+    from dynamic_llava import sparse_settings
+    from dynamic_llava.cli import build_parser
+    from dynamic_llava.cli.common import sparsity_kwargs
+
+    parser = build_parser()
+    for command in ("demo", "evaluate", "bench"):
+        assert sparsity_kwargs(parser.parse_args([command, "--no-sparsity"])) == sparse_settings.SPARSITY_OFF
+    monkeypatch.setattr(sparse_settings, "SPARSITY_OFF", {"use_vision_predictor": False})  # another "off"
+    parser = build_parser()
+    assert sparsity_kwargs(parser.parse_args(["demo", "--no-sparsity"])) == {"use_vision_predictor": False}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--help"])
+    assert "--no-sparsity sparsity off: use_vision_predictor=False (" in " ".join(capsys.readouterr().out.split())
+    args = parser.parse_args(["demo", "--no-sparsity", "--output-text-predictor"])
+    assert sparsity_kwargs(args) == {"use_vision_predictor": False, "use_output_text_predictor": True}
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--no-sparsity", "--vision-predictor"], ["--no-sparsity sets use_vision_predictor=False", "asks for"]),
+        (["--no-sparsity", "--vision-keep-rate", "0.5"], ["--vision-keep-rate 0.5 applies only with", "--no-sparsity"]),
+        (["--no-vision-predictor", "--vision-keep-tokens", "4"], ["--vision-keep-tokens 4", "--no-vision-predictor"]),
+        (["--no-vision-predictor", "--image-scorer", "attention"], ["--image-scorer attention", "turns it off"]),
+        (["--image-scorer", "fastv"], ["argument --image-scorer: image_scorer is 'fastv'", "'attention'"]),
+    ],
+)
+def test_sparsity_conflicts_are_refused_alike_by_the_cli_and_the_shared_rule(capsys, flags, fragments):
+    """The command line and `sparsity_request` (what lmms-eval and evaluate_synthetic call) refuse the same input."""
+    from dynamic_llava.cli import build_parser
+    from dynamic_llava.sparsity_options import sparsity_options, sparsity_request
+
+    for command in ("demo", "evaluate"):
+        assert_fails(capsys, [command, *flags], *fragments)
+    try:  # the same request as keywords, as lmms-eval's model_args give it
+        args = build_parser().parse_args(["demo", *flags])
+    except SystemExit:  # a bad value: argparse refused it with the declaration's check, which the rule runs too
+        capsys.readouterr()
+        field, value = flags[0].lstrip("-").replace("-", "_"), flags[1]
+        with pytest.raises(ValueError, match=f"{field} is {value!r}"):
+            sparsity_request({field: value})
+        return
+    values = {option.field: getattr(args, option.field) for option in sparsity_options()}
+    with pytest.raises(ValueError, match="pass one"):
+        sparsity_request(values, args.no_sparsity)
+
+
+def test_keep_tokens_and_rate_together_is_the_librarys_own_error_on_every_path(capsys, monkeypatch):
+    from dynamic_llava.configuration_dynamic_llava import DynamicLlavaConfig
+    from dynamic_llava.synthetic.evaluate import evaluate_synthetic
+
+    from fixtures.tiny import tiny_inputs, tiny_model
+
+    with pytest.raises(ValueError) as library:
+        DynamicLlavaConfig().sparsity_settings(vision_keep_tokens=4, vision_keep_rate=0.5)
+    message = str(library.value)
+    assert "were both given" in message
+    with pytest.raises(ValueError) as generate:
+        tiny_model(0).generate(**tiny_inputs([(5, 6)]), max_new_tokens=2, vision_keep_tokens=4, vision_keep_rate=0.5)
+    assert str(generate.value) == message
+    with pytest.raises(ValueError) as evaluate:
+        evaluate_synthetic(None, None, n=1, vision_keep_tokens=4, vision_keep_rate=0.5)
+    assert str(evaluate.value) == message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    both = ["--vision-keep-tokens", "4", "--vision-keep-rate", "0.5"]
+    for argv in (["demo"], ["generate", "--prompt", "hi"], ["chat"], ["evaluate"], ["bench"]):
+        line = assert_fails(capsys, argv + both)
+        assert line == f"dynamic-llava {argv[0]}: error: {message}", line
+
+
+# ---- package layout ------------------------------------------------------------------------------------------------
+
+
+def test_hub_does_not_import_synthetic():
+    """The demo model's location is below both (`package_data`): hub/ never imports synthetic/, so no cycle."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "hub").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "").split(".")[0]] + [alias.name for alias in node.names]
+                assert "synthetic" not in names, f"{path.name}:{node.lineno} imports synthetic"
+            elif isinstance(node, ast.Import):
+                assert not any(".synthetic" in alias.name for alias in node.names), f"{path.name}:{node.lineno}"
 
 
 # ---- files: the umask's permissions --------------------------------------------------------------------------------
@@ -394,7 +558,7 @@ def test_written_files_get_the_umask_permissions(tmp_path, capsys, umask):
     expected = {("dir", 0o777 & ~umask), ("file", 0o666 & ~umask)}
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "2"]) == 0
     assert modes(tmp_path / "data") == expected
-    from dynamic_llava.synthetic import DEMO_MODEL
+    from dynamic_llava.package_data import DEMO_MODEL
 
     assert main(["export", str(DEMO_MODEL), str(tmp_path / "exported")]) == 0
     assert modes(tmp_path / "exported") == expected
@@ -406,30 +570,34 @@ def test_written_files_get_the_umask_permissions(tmp_path, capsys, umask):
 # ---- --help, --version, serve ---------------------------------------------------------------------------------------
 
 HELP_PROBE = r"""
-import importlib.util, json, sys, time
+import importlib, json, pkgutil, sys
 heavy = lambda: sorted(m for m in ("torch", "transformers") if m in sys.modules)
 report = {}
-# cli.py on its own (without the package __init__): building the parser and every --help load neither
-spec = importlib.util.spec_from_file_location("isolated_cli", sys.argv[1])
-isolated = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(isolated)
-for command in sys.argv[2:]:
-    try:
-        isolated.build_parser().parse_args([command, "--help"])
-    except SystemExit as exit_:
-        report.setdefault("isolated_exit", {})[command] = exit_.code
-report["isolated_heavy"] = heavy()
-# the installed package: what `import dynamic_llava` loads, then what the cli adds on top
+# the package: what `import dynamic_llava` loads
 import dynamic_llava
 report["package_heavy"] = heavy()
 before = set(sys.modules)
-from dynamic_llava.cli import main
-for command in [None, *sys.argv[2:], "serve"]:
+# every module of the cli package, each command's own parser and its --help load neither
+import dynamic_llava.cli as cli
+report["modules"] = sorted(info.name for info in pkgutil.iter_modules(cli.__path__))
+for name in report["modules"]:
+    importlib.import_module(f"dynamic_llava.cli.{name}")
+for command in sys.argv[1:]:
     try:
-        code = main(([command] if command else []) + ["--help"])  # serve returns its server's code
+        cli.build_parser().parse_args([command, "--help"])
+    except SystemExit as exit_:
+        report.setdefault("isolated_exit", {})[command] = exit_.code
+report["isolated_heavy"] = heavy()
+for command in [None, *sys.argv[1:], "serve"]:
+    try:
+        code = cli.main(([command] if command else []) + ["--help"])  # serve returns its server's code
     except SystemExit as exit_:
         code = exit_.code
     report.setdefault("exit", {})[command or ""] = code
+try:
+    cli.main(["--version"])
+except SystemExit as exit_:
+    report["version_exit"] = exit_.code
 report["cli_added_heavy"] = sorted(
     m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "transformers")
 )
@@ -440,11 +608,7 @@ print("REPORT" + json.dumps(report))
 @pytest.fixture(scope="module")
 def help_report():
     result = subprocess.run(
-        [sys.executable, "-c", HELP_PROBE, str(REPOSITORY / "cli.py"), *SUBCOMMANDS],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+        [sys.executable, "-c", HELP_PROBE, *SUBCOMMANDS], capture_output=True, text=True, timeout=300, check=True
     )
     report = json.loads(result.stdout.split("REPORT", 1)[1])
     return report, result.stdout
@@ -453,16 +617,22 @@ def help_report():
 @pytest.mark.slow
 def test_every_help_answers_without_loading_torch_or_transformers(help_report):
     report, out = help_report
+    # one module per command, the shared flags and what the commands share when they run
+    commands = {command.replace("-", "_") for command in [*SUBCOMMANDS, "serve"]}
+    assert set(report["modules"]) == commands | {"__main__", "common", "flags"}
     assert report["isolated_exit"] == {command: 0 for command in SUBCOMMANDS}
     assert report["exit"] == {command: 0 for command in ["", *SUBCOMMANDS, "serve"]}
+    from importlib.metadata import version
+
+    assert report["version_exit"] == 0 and f"dynamic-llava {version('dynamic-llava')}\n" in out
     for command in [*SUBCOMMANDS, "serve"]:
         assert f"usage: dynamic-llava {command}" in out
-    assert report["isolated_heavy"] == []  # cli.py imports them inside the commands only
+    assert report["isolated_heavy"] == []  # every cli module imports them inside the commands only
     assert report["cli_added_heavy"] == []
     if report["package_heavy"]:
         pytest.xfail(
             f"dynamic_llava/__init__.py imports {report['package_heavy']} at import time (to register the Auto "
-            "classes), so `dynamic-llava --help` loads them before cli.py runs"
+            "classes), so `dynamic-llava --help` loads them before the cli runs"
         )
 
 

@@ -144,7 +144,7 @@ def test_shipped_demo_folder_is_a_complete_current_hub_folder():
     """Every folder the package ships loads with the stock Auto classes: the demo folder holds the remote code, and
     that code is today's (after changing a remote-code file: `python scripts/refresh_demo_model.py` under 4.57)."""
     from dynamic_llava.hub.folder import CODE_FILES
-    from dynamic_llava.synthetic import DEMO_MODEL
+    from dynamic_llava.package_data import DEMO_MODEL
 
     for name, source in CODE_FILES.items():
         shipped = DEMO_MODEL / name
@@ -163,7 +163,8 @@ def test_shipped_demo_folder_loads_with_the_stock_auto_classes_in_a_fresh_proces
     import random
 
     from dynamic_llava.hub.loading import load_for_eval
-    from dynamic_llava.synthetic import DEMO_MODEL, IMAGE_SIZE
+    from dynamic_llava.package_data import DEMO_MODEL
+    from dynamic_llava.synthetic import IMAGE_SIZE
     from dynamic_llava.synthetic.task import make_sample, vicuna_prompt
 
     sample = make_sample(random.Random(3), IMAGE_SIZE)

@@ -42,7 +42,8 @@ from dynamic_llava.integrations.lmms_eval import (  # noqa: E402
     sparsity_arguments,
     write_synthetic_task,
 )
-from dynamic_llava.synthetic import DEMO_MODEL, IMAGE_SIZE  # noqa: E402
+from dynamic_llava.package_data import DEMO_MODEL  # noqa: E402
+from dynamic_llava.synthetic import IMAGE_SIZE  # noqa: E402
 from dynamic_llava.synthetic.evaluate import evaluate_synthetic  # noqa: E402
 from dynamic_llava.synthetic.task import is_correct, make_sample, prompt_inputs, sample_rng  # noqa: E402
 
@@ -191,7 +192,7 @@ def test_entry_point_and_model_args():
     assert sparsity_arguments(vision_keep_tokens="128") == {"vision_keep_tokens": 128}
     assert sparsity_arguments(no_sparsity=True) == {"use_vision_predictor": False, "use_output_text_predictor": False}
     assert sparsity_arguments(use_output_text_predictor="false") == {"use_output_text_predictor": False}
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="were both given"):
         sparsity_arguments(vision_keep_tokens=8, vision_keep_rate=0.5)
     with pytest.raises(ValueError, match="no_sparsity"):
         sparsity_arguments(no_sparsity=True, use_vision_predictor=True)
@@ -215,3 +216,39 @@ def test_eval_extra_is_lmms_eval_requirements_without_torchvision():
     }
     assert extra == expected
     assert int(metadata.version("filelock").split(".")[0]) < 4
+
+
+def test_model_args_are_derived_from_the_declaration(monkeypatch):
+    """Every per-call field of `sparse_settings.SparsityKwargs` is a model_arg (a field added there too, without a
+    change here), checked by the declaration; `no_sparsity=True` is `SPARSITY_OFF`; the conflicts the command line
+    refuses are refused with the same rule, and tokens with rate with the library's own message."""
+    from dynamic_llava import sparse_settings
+    from dynamic_llava.configuration_dynamic_llava import DynamicLlavaConfig
+
+    assert sparsity_arguments(image_scorer="attention", vision_keep_rate="0.25") == {
+        "image_scorer": "attention",
+        "vision_keep_rate": 0.25,
+    }
+    assert sparsity_arguments(no_sparsity="true") == sparse_settings.SPARSITY_OFF
+    with pytest.raises(ValueError, match="dynamic_llava: image_scorer is 'fastv'"):
+        sparsity_arguments(image_scorer="fastv")
+    with pytest.raises(ValueError, match="vision_keep_tokens=4 applies only with use_vision_predictor=True"):
+        sparsity_arguments(vision_keep_tokens=4, use_vision_predictor=False)
+    with pytest.raises(ValueError) as library:
+        DynamicLlavaConfig().sparsity_settings(vision_keep_tokens=8, vision_keep_rate=0.5)
+    with pytest.raises(ValueError) as ours:
+        sparsity_arguments(vision_keep_tokens=8, vision_keep_rate=0.5)
+    assert str(ours.value) == f"dynamic_llava: {library.value}"
+
+    monkeypatch.setitem(sparse_settings.SparsityKwargs.__annotations__, "vision_keep_min", "int | None")
+    monkeypatch.setattr(sparse_settings, "PER_CALL_FIELDS", (*sparse_settings.PER_CALL_FIELDS, "vision_keep_min"))
+    monkeypatch.setitem(sparse_settings.FIELD_HELP, "vision_keep_min", "the fewest image tokens kept per image")
+    monkeypatch.setitem(sparse_settings.FIELD_CHECKS, "vision_keep_min", sparse_settings.FIELD_CHECKS["sparse_layer"])
+    assert sparsity_arguments(vision_keep_min="3") == {"vision_keep_min": 3}
+    with pytest.raises(ValueError, match="vision_keep_min is 0, below 1"):
+        sparsity_arguments(vision_keep_min=0)
+    # the constructor takes it as a model_arg (and still names an unknown one, listing the new field as known)
+    with pytest.raises(ValueError, match="vision_keep_min is 0, below 1"):
+        DynamicLlava(pretrained=str(DEMO_MODEL), device="cpu", vision_keep_min=0)
+    with pytest.raises(ValueError, match="known: pretrained, dtype, device, vision_keep_tokens, .*vision_keep_min"):
+        DynamicLlava(pretrained=str(DEMO_MODEL), device="cpu", vision_keep_maximum=3)

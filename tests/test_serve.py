@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from dynamic_llava.hub.export import export_model  # noqa: E402
 from dynamic_llava.hub.loading import load_local  # noqa: E402
-from dynamic_llava.synthetic import DEMO_MODEL, IMAGE_SIZE  # noqa: E402
+from dynamic_llava.package_data import DEMO_MODEL  # noqa: E402
+from dynamic_llava.synthetic import IMAGE_SIZE  # noqa: E402
 from dynamic_llava.synthetic.task import make_sample, sample_rng  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -276,3 +277,29 @@ def test_flags_are_parsed_before_torch_and_transformers_load():
     )
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr
+
+
+def test_the_installed_transformers_server_generation_has_an_adapter():
+    """Feature detection finds the installed server's generation, and its adapter imports (the adapters import
+    transformers' serving classes at module level: only the installed generation's can)."""
+    import importlib
+
+    from dynamic_llava.serving.server import GENERATIONS, server_generation
+
+    adapter = server_generation()
+    assert adapter in [name for name, _, _ in GENERATIONS]
+    assert callable(importlib.import_module(f"dynamic_llava.serving.{adapter}").run)
+
+
+def test_a_server_generation_no_adapter_knows_is_refused_with_the_version_and_the_alternative(capsys, monkeypatch):
+    import transformers
+
+    from dynamic_llava.serving import main, server
+
+    monkeypatch.setattr(server, "GENERATIONS", (("future", "transformers.cli.serving.engine", "EngineV2"),))
+    assert main([str(DEMO_MODEL), "--port", str(free_port())]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"dynamic-llava serve: error: transformers {transformers.__version__}'s server is none")
+    assert "transformers.cli.serving.engine.EngineV2" in lines[0]
+    assert "docs/integrations.md" in lines[0] and "dynamic-llava chat" in lines[0]

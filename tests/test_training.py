@@ -240,7 +240,7 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
     import sys
 
     from dynamic_llava.cli import main
-    from dynamic_llava.synthetic import DEMO_MODEL
+    from dynamic_llava.package_data import DEMO_MODEL
 
     assert main(["synthetic-data", "--out", str(tmp_path / "data"), "--n", "16", "--seed", "5"]) == 0
     with socket.socket() as probe:
@@ -310,7 +310,7 @@ def test_train_precision_option(tmp_path, monkeypatch, precision):
     import transformers
 
     from dynamic_llava.cli import main
-    from dynamic_llava.synthetic import DEMO_MODEL
+    from dynamic_llava.package_data import DEMO_MODEL
     from dynamic_llava.training.trainer import train
 
     monkeypatch.setattr(transformers, "TrainingArguments", _SpyTrainingArguments)
