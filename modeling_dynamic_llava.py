@@ -278,6 +278,7 @@ class DynamicLlavaForConditionalGeneration(SparseGenerationMixin, LlavaForCondit
         `return_dict=False`). A given cache must be a `DynamicLlavaCache` (`generate()` builds one by itself).
         """
         kwargs.pop("cache_position", None)  # positions come from position_ids / the cache's logical length
+        num_items_in_batch = kwargs.get("num_items_in_batch")  # (the Trainer's; the model pops it)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -294,4 +295,4 @@ class DynamicLlavaForConditionalGeneration(SparseGenerationMixin, LlavaForCondit
             sparsity=sparsity,
             **kwargs,
         )
-        return self.sparse_lm_output(outputs, labels, logits_to_keep, return_dict)
+        return self.sparse_lm_output(outputs, labels, logits_to_keep, return_dict, num_items_in_batch)

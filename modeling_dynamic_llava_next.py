@@ -207,6 +207,7 @@ class DynamicLlavaNextForConditionalGeneration(SparseGenerationMixin, LlavaNextF
     ) -> DynamicLlavaCausalLMOutput | tuple:
         """Same arguments as `LlavaNextForConditionalGeneration.forward`, plus the sparsity arguments."""
         kwargs.pop("cache_position", None)  # positions come from position_ids / the cache's logical length
+        num_items_in_batch = kwargs.get("num_items_in_batch")  # (the Trainer's; the model pops it)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -223,4 +224,4 @@ class DynamicLlavaNextForConditionalGeneration(SparseGenerationMixin, LlavaNextF
             sparsity=sparsity,
             **kwargs,
         )
-        return self.sparse_lm_output(outputs, labels, logits_to_keep, return_dict)
+        return self.sparse_lm_output(outputs, labels, logits_to_keep, return_dict, num_items_in_batch)

@@ -270,6 +270,7 @@ class DynamicQwen2_5_VLForConditionalGeneration(SparseGenerationMixin, Qwen2_5_V
     ) -> DynamicLlavaCausalLMOutput | tuple:
         """Same arguments as `Qwen2_5_VLForConditionalGeneration.forward`, plus the sparsity arguments."""
         kwargs.pop("cache_position", None)  # positions come from position_ids / the cache's logical length
+        num_items_in_batch = kwargs.get("num_items_in_batch")  # (the Trainer's; the model pops it)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -289,4 +290,4 @@ class DynamicQwen2_5_VLForConditionalGeneration(SparseGenerationMixin, Qwen2_5_V
             sparsity=sparsity,
             **kwargs,
         )
-        return self.sparse_lm_output(outputs, labels, logits_to_keep, return_dict)
+        return self.sparse_lm_output(outputs, labels, logits_to_keep, return_dict, num_items_in_batch)

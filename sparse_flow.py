@@ -33,7 +33,7 @@ from .sparse_masks import attention_mask_for, tags, visible_keys
 from .sparse_predictors import run_predictor
 from .sparse_scorers import attention_received, image_keep_scores
 from .sparse_settings import SparsitySettings
-from .sparse_training import answer_span, budget_loss, straight_through_keep
+from .sparse_training import answer_span, budget_loss, row_weights, straight_through_keep
 from .transformers_compat import CACHE_KEY, decoder_layer_kwargs, dense_causal_mask, layer_output
 
 __all__ = [
@@ -199,6 +199,7 @@ class SparseCall:
     images: ImageLayout | None
     training: bool
     labels: torch.Tensor | None = None
+    loss_tokens: Any = None
 
     @property
     def is_prompt(self) -> bool:
@@ -421,6 +422,7 @@ def select_for_training(model: Any, call: SparseCall, hidden: torch.Tensor) -> S
     batch, q = call.batch, call.q
     keep = call.token_valid.float()  # padding columns are never kept
     zero = hidden.new_zeros((), dtype=torch.float32)
+    weights, total = row_weights(call.labels, batch, call.loss_tokens, hidden.device)
     selection = Selection(
         store=call.token_valid,
         compute=torch.ones_like(call.token_valid),
@@ -441,7 +443,11 @@ def select_for_training(model: Any, call: SparseCall, hidden: torch.Tensor) -> S
             image_keep = image_keep.index_put((index.reshape(-1),), group_keep.reshape(-1))
             ratios = ratios.index_put((torch.tensor(indices, device=hidden.device),), group_keep.mean(dim=-1))
         keep = keep.reshape(-1).index_put((flat,), image_keep).reshape(batch, q)
-        selection.vision_budget_loss = budget_loss(settings.vision_keep_rate, ratios)
+        per_row = torch.tensor(images.per_row, device=hidden.device)
+        row_of = torch.repeat_interleave(torch.arange(batch, device=hidden.device), per_row)  # [images]
+        terms = (settings.vision_keep_rate - ratios) ** 2 / per_row[row_of]  # a row's term: the mean over its images
+        per_row = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, row_of, terms)
+        selection.vision_budget_loss = budget_loss(per_row, weights, total)
         selection.vision_keep_ratio = ratios.mean()
     if settings.use_output_text_predictor and call.labels is not None:
         start, end = answer_span(call.labels.to(hidden.device), call.token_valid)
@@ -454,7 +460,7 @@ def select_for_training(model: Any, call: SparseCall, hidden: torch.Tensor) -> S
         keep = torch.where(span & long_answer[:, None], keep * text_keep, keep)
         row_ratio = (text_keep * span).sum(-1) / length
         target = torch.where(long_answer, torch.full_like(row_ratio, config.output_text_keep_rate), row_ratio)
-        selection.output_text_budget_loss = budget_loss(target.detach(), row_ratio)
+        selection.output_text_budget_loss = budget_loss((target.detach() - row_ratio) ** 2, weights, total)
         selection.output_text_keep_ratio = row_ratio[long_answer].mean() if bool(long_answer.any()) else None
     selection.keep = keep
     return selection

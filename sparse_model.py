@@ -129,6 +129,7 @@ class SparseModelMixin:
                 raise ValueError(f"{type(self).__name__} does not support {unsupported}=True yet.")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        loss_tokens = kwargs.pop("num_items_in_batch", None)  # (the Trainer's; the head reads it too)
         overrides = pop_per_call_fields(kwargs)
         if sparsity is not None and any(value is not None for value in overrides.values()):
             raise TypeError("Pass the per-call sparsity fields or sparsity=, not both.")
@@ -205,6 +206,7 @@ class SparseModelMixin:
             images=images,
             training=training,
             labels=labels if training else None,
+            loss_tokens=loss_tokens if training else None,
         )
         return sparse_decoder_forward(self, call, inputs_embeds)
 
@@ -359,6 +361,8 @@ class SparseGenerationMixin:
     # the sparse layers need a 4D mask over (kept past + chunk): flash-attention (2D masks only) and flex attention
     # are refused by from_pretrained with transformers' own message; sdpa and eager are supported
     _supports_flash_attn = False
+    # the loss honours `num_items_in_batch` (`sparse_lm_output`): the Trainer passes it and does not rescale
+    accepts_loss_kwargs = True
     _supports_flex_attn = False
     _supports_attention_backend = False
 
@@ -408,8 +412,16 @@ class SparseGenerationMixin:
         labels: torch.Tensor | None,
         logits_to_keep: int | torch.Tensor,
         return_dict: bool | None,
+        num_items_in_batch: Any = None,
     ) -> DynamicLlavaCausalLMOutput | tuple:
-        """The LM head over the computed positions, the loss (labels follow `token_indices`), the decisions."""
+        """
+        The LM head over the computed positions, the loss (labels follow `token_indices`), the decisions.
+
+        The loss is token-weighted as stock's: the cross-entropy sums over label tokens and divides by
+        `num_items_in_batch` (the Trainer's count over one optimizer step) or this batch's own count, and each budget
+        term is a sum over rows weighted by their label tokens over the same count (`sparse_training.budget_loss`),
+        so gradient accumulation and several processes give one large batch's loss and gradients.
+        """
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
@@ -420,7 +432,9 @@ class SparseGenerationMixin:
                 gathered = labels.gather(1, outputs.token_indices.clamp(min=0).to(labels.device))
                 labels = gathered.masked_fill(outputs.token_indices.to(labels.device) < 0, -100)
             vocab_size = self.config.get_text_config(decoder=True).vocab_size
-            ce = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+            ce = self.loss_function(
+                logits=logits, labels=labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch
+            )
             loss = ce
             if outputs.vision_budget_loss is not None:
                 loss = ce + self.config.mask_loss_weight * (

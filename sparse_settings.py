@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 __all__ = [
+    "APPLIES_ONLY_WITH",
     "FIELD_HELP",
     "PER_CALL_FIELDS",
     "SPARSITY_OFF",
@@ -70,6 +71,14 @@ FIELD_HELP: dict[str, str] = {
 SPARSITY_OFF: dict[str, bool] = {"use_vision_predictor": False, "use_output_text_predictor": False}
 
 IMAGE_SCORERS = ("predictor", "attention")
+
+# a per-call field that means something only while a decision is on: asked for with that decision off, it cannot be
+# honoured, so it is refused (on every path: the library, the command line, lmms-eval, the bench)
+APPLIES_ONLY_WITH: dict[str, str] = {
+    "vision_keep_tokens": "use_vision_predictor",
+    "vision_keep_rate": "use_vision_predictor",
+    "image_scorer": "use_vision_predictor",
+}
 
 
 def sparsity_enabled(use_vision_predictor: bool, use_output_text_predictor: bool) -> bool:
@@ -261,6 +270,12 @@ def check_overrides(overrides: Mapping[str, Any], where: str = "per-call ") -> d
         )
     for field, value in given.items():
         check_field(where, field, value)
+    for field, decision in APPLIES_ONLY_WITH.items():
+        if field in given and given.get(decision) is False:
+            raise ValueError(
+                f"{where}{field}={given[field]!r} applies only with {decision}=True, and {decision}=False was given "
+                "too: pass one."
+            )
     return {field: normalize_field(field, value) for field, value in given.items()}
 
 
@@ -282,6 +297,12 @@ def resolve_settings(
     if values["image_scorer"] is None:
         values["image_scorer"] = "predictor"
     values.update(given)
+    for field, decision in APPLIES_ONLY_WITH.items():
+        if field in given and not values[decision]:
+            raise ValueError(
+                f"{where}{field}={given[field]!r} applies only with {decision}=True, and the model's config has "
+                f"{decision}=False: pass {decision}=True with it, or drop {field}."
+            )
     if "vision_keep_rate" in given:
         values["vision_keep_tokens"] = None  # an explicit per-call rate wins over the config's token count
     return SparsitySettings(sparse_layer=config.sparse_layer, num_hidden_layers=num_hidden_layers, **values)

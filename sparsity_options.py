@@ -30,13 +30,8 @@ __all__ = [
 # the front-ends' switch for "sparsity off" (`--no-sparsity`, lmms-eval `no_sparsity=True`): `SPARSITY_OFF`
 NO_SPARSITY = "no_sparsity"
 
-# a per-call field that means something only while a decision is on; asking for it with that decision off in the same
-# request cannot be honoured, so it is refused
-APPLIES_ONLY_WITH: dict[str, str] = {
-    "vision_keep_tokens": "use_vision_predictor",
-    "vision_keep_rate": "use_vision_predictor",
-    "image_scorer": "use_vision_predictor",
-}
+# (the rule of `sparse_settings.APPLIES_ONLY_WITH`, named by the front-ends' own spelling)
+APPLIES_ONLY_WITH = sparse_settings.APPLIES_ONLY_WITH
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -153,7 +148,6 @@ def sparsity_request(
     if unknown:
         sparse_settings.check_overrides(dict.fromkeys(unknown))  # the library's TypeError, listing the fields
     given = {field: options[field].parse(value, where) for field, value in values.items() if value is not None}
-    given = sparse_settings.check_overrides(given)
     off = _as_switch(no_sparsity, where)
     request = dict(given)
     if off:
@@ -171,7 +165,8 @@ def sparsity_request(
                 f"{spell(field, given[field])} applies only with {decision}=True, and {turned_off} turns it off: "
                 "pass one"
             )
-    return request
+    given = sparse_settings.check_overrides(given)  # (the library's checks, its messages)
+    return {**request, **given}
 
 
 def _as_switch(value: Any, where: str) -> bool:

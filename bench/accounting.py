@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..modeling_dynamic_llava import CACHE_KEY
+from ..transformers_compat import CACHE_KEY
 
 __all__ = ["cache_bytes", "eager_attention", "layer_flops", "per_layer_flops"]
 

@@ -38,6 +38,7 @@ def export_model(
     repo_id: str = "REPO_ID",
     about: str | None = None,
     results: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """
     Write `model` (a `DynamicLlavaForConditionalGeneration` or a folder) and its processor as a Hub-ready folder:
@@ -45,14 +46,17 @@ def export_model(
     remote-code files, generation config, processor/tokenizer files with the chat template, model card, notebook.
     Atomic: a temporary folder is renamed into place; a non-empty `out` is refused unless `overwrite`.
     `about` and `results` (markdown) describe this model and its own measured numbers on the card
-    (`hub.model_card.write_model_card`).
+    (`hub.model_card.write_model_card`). `state_dict`: the weights to write instead of `model.state_dict()` (the
+    full state dict gathered from a sharded model, e.g. after FSDP training).
     """
     if isinstance(model, (str, Path)):
         model, loaded_processor = load_local(str(model), dtype=dtype)
         processor = processor or loaded_processor
     config = copy.deepcopy(model.config)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_state_dict(model.state_dict(), tmp, max_shard_size=max_shard_size, dtype=dtype)
+        write_state_dict(
+            model.state_dict() if state_dict is None else state_dict, tmp, max_shard_size=max_shard_size, dtype=dtype
+        )
         set_dtype_field(config, dtype or model.dtype)
         write_model_config(config, tmp)
         write_code_files(tmp)

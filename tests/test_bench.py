@@ -10,7 +10,7 @@ from dynamic_llava.bench.accounting import cache_bytes, layer_flops, per_layer_f
 from dynamic_llava.bench.memory import estimate_largest_batch, search_largest_batch
 from dynamic_llava.bench.run import bench_inputs, format_table, run_bench
 from dynamic_llava.bench.stock import stock_llava
-from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
+from dynamic_llava.transformers_compat import CACHE_KEY
 
 from fixtures.tiny import tiny_inputs, tiny_model
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from dynamic_llava import DynamicLlavaForConditionalGeneration
 from dynamic_llava.hub.convert import ConversionError, convert_original_checkpoint
-from dynamic_llava.modeling_dynamic_llava import CACHE_KEY
+from dynamic_llava.transformers_compat import CACHE_KEY
 
 from fixtures.original_checkpoints import write_original_checkpoint
 

@@ -89,9 +89,9 @@ def test_sparsity_off_per_call_equals_stock_on_every_variant(variant, batch_inpu
 
 def test_keeping_everything_equals_stock_on_every_variant(variant, batch_inputs):
     """Sparse layers that keep every token (vision rate 1, no output-text predictor) compute what stock does."""
-    a = variant.generate(
-        **batch_inputs, max_new_tokens=10, vision_keep_rate=1.0, use_output_text_predictor=False, **GREEDY
-    )
+    # (a keep rate applies only with the vision predictor on: a model whose config has it off keeps every image token)
+    keep_all = {"vision_keep_rate": 1.0} if variant.config.use_vision_predictor else {}
+    a = variant.generate(**batch_inputs, max_new_tokens=10, use_output_text_predictor=False, **keep_all, **GREEDY)
     b = stock_llava(variant).generate(**batch_inputs, max_new_tokens=10, **GREEDY)
     assert torch.equal(a.sequences, b.sequences)
     assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-4

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..hub.export import export_model
 from ..hub.loading import load_local
-from ..sparse_training import predictor_parameter_groups, temperature
+from ..sparse_training import freeze_parts, parameter_groups, temperature
 from ..transformers_compat import trainer_warmup_kwargs
 from .data import LlavaConversationDataset, collate
 
@@ -37,6 +37,33 @@ class GumbelTemperatureCallback(TrainerCallback):
         if model is not None:
             target = model.module if hasattr(model, "module") else model
             target.gumbel_tau = temperature(state.global_step, state.max_steps)
+
+
+class DynamicLlavaTrainer(Trainer):
+    """
+    The stock `Trainer` with the predictors at their own learning rate: `create_optimizer` builds the two groups
+    (`sparse_training.parameter_groups`: predictors at `predictor_lr`, the rest at `args.learning_rate`, no weight
+    decay) with the optimizer `args.optim` names. Every backend calls `create_optimizer` (DDP, DeepSpeed without
+    an optimizer in its config, FSDP after wrapping), so the groups hold under each; an `optimizers=` pair is used
+    as given.
+    """
+
+    def __init__(self, *args: Any, predictor_lr: float = 2e-4, **kwargs: Any) -> None:
+        self.predictor_lr = predictor_lr
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            if "params" in optimizer_kwargs or "model" in optimizer_kwargs or "optimizer_dict" in optimizer_kwargs:
+                raise ValueError(
+                    f"optim={self.args.optim!r} builds its own parameter groups, which would drop the predictors' "
+                    "learning rate: use an optimizer that takes parameter groups (adamw_torch, sgd, adafactor, ...)."
+                )
+            groups = parameter_groups(model, self.predictor_lr, self.args.learning_rate)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
 
 def train(
@@ -68,8 +95,6 @@ def train(
     writes the final folder). `precision`: "fp32", or "bf16" / "fp16" autocast (weights stay fp32; the masked
     softmax and the predictors run in fp32 either way).
     """
-    from transformers import Trainer, TrainingArguments
-
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     model, processor = load_local(model_dir, dtype=torch.float32)
@@ -84,6 +109,9 @@ def train(
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
+        learning_rate=lr,
+        optim="adamw_torch",
+        weight_decay=0.0,
         lr_scheduler_type="cosine",
         **trainer_warmup_kwargs(warmup_ratio),
         save_steps=save_steps,
@@ -98,14 +126,14 @@ def train(
         fp16=precision == "fp16",
         disable_tqdm=disable_tqdm,
     )
-    groups = predictor_parameter_groups(model, predictor_lr, lr, freeze_vision_tower, freeze_projector, freeze_llm)
-    trainer = Trainer(
+    freeze_parts(model, freeze_vision_tower, freeze_projector, freeze_llm)
+    trainer = DynamicLlavaTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id or 0),
-        optimizers=(torch.optim.AdamW(groups), None),
         callbacks=[GumbelTemperatureCallback()],
+        predictor_lr=predictor_lr,
     )
     has_checkpoint = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
     if resume and not has_checkpoint:
@@ -114,7 +142,9 @@ def train(
     model.eval()
     model.requires_grad_(True)
     folder = out / "model"
+    # the full state dict, gathered from every process under FSDP (a collective: every process takes part)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        export_model(model, folder, processor=processor, overwrite=True)
+        export_model(model, folder, processor=processor, overwrite=True, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()  # the other processes return once the folder is written
     return folder
