@@ -620,10 +620,11 @@ class RowLog:
             return self.live, None
         if chunk.token_valid.shape[1] != 1:
             return self.live, None
-        finishing = (self.live & self.stopped).view(-1, 1)
-        self.live &= ~self.stopped
+        finishing = self.live & self.stopped
+        self.live ^= finishing  # (live and stopped -> not live)
+        finishing = finishing.view(-1, 1)
         self.write_offset = self.pending.clone()  # (a finishing row writes its last token at its pending slot)
-        self.pending |= finishing.long()
+        self.pending.bitwise_or_(finishing)  # (long |= bool: 1 where the row finishes)
         self.pending_column.copy_(torch.where(finishing, columns.to(self.pending_column.device), self.pending_column))
         return self.live, finishing
 

@@ -239,6 +239,7 @@ class Computed:
     store: torch.Tensor  # [batch, c] bool: enter the cache
     token_indices: torch.Tensor | None  # [batch, c] index into the chunk (-1 = filler), None: the whole chunk
     plainly_causal: bool  # keys == queries in order: sdpa may run causal without a mask
+    rope: Any = None  # the rotary (cos, sin) of these tokens when step 1's still apply (nothing dropped), else None
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ class DenseResult:
 
     hidden: torch.Tensor
     received: torch.Tensor | None = None
+    rope: Any = None  # the rotary (cos, sin) of the chunk (the sparse layers reuse it when no token is dropped)
 
 
 def sparse_decoder_forward(model: Any, call: SparseCall, inputs_embeds: torch.Tensor) -> DynamicLlavaModelOutput:
@@ -273,7 +275,7 @@ def sparse_decoder_forward(model: Any, call: SparseCall, inputs_embeds: torch.Te
     else:
         selection = select_for_inference(model, call, dense.hidden, dense.received)
     # 3. drop: layers >= l compute only the selected tokens (right-aligned per row)
-    computed = drop(model, call, dense.hidden, selection)
+    computed = drop(model, call, dense, selection)
     # 4. sparse layers: the kept past plus this chunk, one explicit mask for all of them (one hand-over)
     hidden = run_sparse_layers(model, call, computed, selection)
     return DynamicLlavaModelOutput(
@@ -320,7 +322,7 @@ def run_dense_layers(model: Any, call: SparseCall, inputs_embeds: torch.Tensor) 
             received = attention_received(layer, entering, rope, call, dense_keys)
         else:
             hidden = layer_output(layer(hidden, **kwargs))
-    return DenseResult(hidden=hidden, received=received)
+    return DenseResult(hidden=hidden, received=received, rope=rope)
 
 
 def dense_only_output(model: Any, call: SparseCall, hidden: torch.Tensor) -> DynamicLlavaModelOutput:
@@ -466,9 +468,10 @@ def select_for_training(model: Any, call: SparseCall, hidden: torch.Tensor) -> S
     return selection
 
 
-def drop(model: Any, call: SparseCall, hidden: torch.Tensor, selection: Selection) -> Computed:
+def drop(model: Any, call: SparseCall, dense: DenseResult, selection: Selection) -> Computed:
     """Step 3. Rows keep their computed tokens right-aligned (the last position is each row's current token); one
     host sync for the width (none for a decode step or in training, where every row computes all its tokens)."""
+    hidden = dense.hidden
     width = shortest = call.q
     no_padding = False
     if call.q > 1 and not call.training:
@@ -492,6 +495,7 @@ def drop(model: Any, call: SparseCall, hidden: torch.Tensor, selection: Selectio
             store=selection.store,
             token_indices=None,
             plainly_causal=plainly_causal,
+            rope=dense.rope,
         )
     token_indices = right_aligned_indices(selection.compute, width)
     gather = token_indices.clamp(min=0)
@@ -536,7 +540,7 @@ def run_sparse_layers(model: Any, call: SparseCall, computed: Computed, selectio
         visible = visible_keys(key_positions, computed.positions, None if call.q == 1 else computed.valid)
         mask = attention_mask_for(visible, lm.config._attn_implementation, computed.hidden.dtype)
     hidden = computed.hidden
-    rope = lm.rotary_emb(hidden, computed.rope_positions)
+    rope = computed.rope if computed.rope is not None else lm.rotary_emb(hidden, computed.rope_positions)
     kwargs = decoder_layer_kwargs(mask, computed.positions, rope, call.cache, call.cache is not None, None)
     if call.training:
         kwargs["dynamic_llava_keep"] = selection.keep
