@@ -14,6 +14,10 @@ from typing import Any
 __all__ = [
     "DynamicLlavaConfig",
     "DynamicLlavaForConditionalGeneration",
+    "DynamicLlavaNextConfig",
+    "DynamicLlavaNextForConditionalGeneration",
+    "DynamicQwen2_5_VLConfig",
+    "DynamicQwen2_5_VLForConditionalGeneration",
     "DynamicLlavaCausalLMOutput",
     "DynamicLlavaModel",
     "DynamicLlavaModelOutput",
@@ -30,6 +34,10 @@ _EXPORTS = {
     "DynamicLlavaCausalLMOutput": "modeling_dynamic_llava",
     "DynamicLlavaModel": "modeling_dynamic_llava",
     "DynamicLlavaModelOutput": "modeling_dynamic_llava",
+    "DynamicLlavaNextConfig": "configuration_dynamic_llava_next",
+    "DynamicLlavaNextForConditionalGeneration": "modeling_dynamic_llava_next",
+    "DynamicQwen2_5_VLConfig": "configuration_dynamic_qwen2_5_vl",
+    "DynamicQwen2_5_VLForConditionalGeneration": "modeling_dynamic_qwen2_5_vl",
     "DynamicLlavaCache": "sparse_cache",
     "DynamicLlavaStaticCache": "sparse_cache",
     "SparseLayer": "sparse_cache",
@@ -39,17 +47,20 @@ _registered = False
 
 
 def register_auto_classes() -> None:
-    """Register the config and model with `AutoConfig` and `AutoModelForImageTextToText` (idempotent)."""
+    """Register every base's config and model with `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText`
+    (`hub/bases.py`; idempotent)."""
     global _registered
     if _registered:
         return
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    from .configuration_dynamic_llava import DynamicLlavaConfig
-    from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from .hub.bases import BASES
 
-    AutoConfig.register("dynamic_llava", DynamicLlavaConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
+    for base in BASES.values():
+        config_class, model_class = base.load_config_class(), base.load_model_class()
+        AutoConfig.register(base.model_type, config_class, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
     _registered = True
 
 

@@ -28,9 +28,17 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils import logging
 
 from .configuration_dynamic_llava import DynamicLlavaConfig
+
+# transformers 4.57 copies into its module cache only the files a remote-code module imports directly (its own
+# imports are then read from there): every core file is imported here, from the entry module
+from .sparse_cache import DynamicLlavaCache  # noqa: E402, F401
 from .sparse_flow import DynamicLlavaCausalLMOutput, DynamicLlavaModelOutput, ImageLayout
+from .sparse_masks import EMPTY  # noqa: E402, F401
 from .sparse_model import PREDICTORS, SparseGenerationMixin, SparseModelMixin
+from .sparse_predictors import ImageScorePredictor  # noqa: E402, F401
+from .sparse_scorers import image_keep_scores  # noqa: E402, F401
 from .sparse_settings import SparsityKwargs, SparsitySettings, with_per_call_parameters
+from .sparse_training import budget_loss  # noqa: E402, F401
 from .transformers_compat import image_features_list, keep_in_fp32_names, supported_generation_modes
 
 try:

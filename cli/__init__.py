@@ -25,6 +25,7 @@ COMMANDS = (
     "chat",
     "evaluate",
     "convert",
+    "init",
     "bench",
     "train",
     "train_synthetic",

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..files import atomic_output_dir
+from .bases import base_of
 from .folder import (
     set_dtype_field,
+    write_base_processor_files,
     write_code_files,
     write_model_config,
-    write_processor_files,
     write_state_dict,
 )
 from .loading import load_local
@@ -59,10 +60,10 @@ def export_model(
         )
         set_dtype_field(config, dtype or model.dtype)
         write_model_config(config, tmp)
-        write_code_files(tmp)
+        write_code_files(tmp, base_of(config))
         model.generation_config.save_pretrained(tmp)
         if processor is not None:
-            write_processor_files(processor.image_processor, processor.tokenizer, config, tmp)
+            write_base_processor_files(processor, config, tmp)
         write_model_card(
             tmp,
             config,

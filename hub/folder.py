@@ -14,39 +14,19 @@ import torch
 from safetensors.torch import save_file
 
 from ..transformers_compat import TOKENIZER_CLASS_REWRITES, config_dtype_field, hub_key
+from .bases import BASES, PACKAGE_ROOT, Base, base_of
 
 if TYPE_CHECKING:
     from ..configuration_dynamic_llava import DynamicLlavaConfig
 
-# the package root (the parent of hub/): where the flat remote-code files are
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-# remote-code files of a Hub folder (processor/ is flattened: remote code resolves only flat `from .x import`)
+# remote-code files of a LLaVA-1.5 Hub folder (processor/ flattened: remote code resolves only flat `from .x import`);
+# each base's own set is `folder_code_files(base)`
 CODE_FILES = {
-    "configuration_dynamic_llava.py": PACKAGE_ROOT / "configuration_dynamic_llava.py",
-    "modeling_dynamic_llava.py": PACKAGE_ROOT / "modeling_dynamic_llava.py",
-    "configuration_dynamic_llava_next.py": PACKAGE_ROOT / "configuration_dynamic_llava_next.py",
-    "modeling_dynamic_llava_next.py": PACKAGE_ROOT / "modeling_dynamic_llava_next.py",
-    "configuration_dynamic_qwen2_5_vl.py": PACKAGE_ROOT / "configuration_dynamic_qwen2_5_vl.py",
-    "modeling_dynamic_qwen2_5_vl.py": PACKAGE_ROOT / "modeling_dynamic_qwen2_5_vl.py",
-    "sparse_cache.py": PACKAGE_ROOT / "sparse_cache.py",
-    "sparse_flow.py": PACKAGE_ROOT / "sparse_flow.py",
-    "sparse_model.py": PACKAGE_ROOT / "sparse_model.py",
-    "sparse_scorers.py": PACKAGE_ROOT / "sparse_scorers.py",
-    "sparse_training.py": PACKAGE_ROOT / "sparse_training.py",
-    "sparse_masks.py": PACKAGE_ROOT / "sparse_masks.py",
-    "sparse_predictors.py": PACKAGE_ROOT / "sparse_predictors.py",
-    "sparse_settings.py": PACKAGE_ROOT / "sparse_settings.py",
-    "transformers_compat.py": PACKAGE_ROOT / "transformers_compat.py",
+    **BASES["llava"].code_files,
     "processing_dynamic_llava.py": PACKAGE_ROOT / "processor" / "processing_dynamic_llava.py",
     "image_processing_dynamic_llava.py": PACKAGE_ROOT / "processor" / "image_processing_dynamic_llava.py",
 }
-MODEL_AUTO_MAP = {
-    "AutoConfig": "configuration_dynamic_llava.DynamicLlavaConfig",
-    # generic harnesses load with AutoModel (lmms-eval's `--model huggingface` always does): the generation class
-    "AutoModel": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
-    "AutoModelForVision2Seq": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
-}
+MODEL_AUTO_MAP = BASES["llava"].auto_map
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_dynamic_llava.DynamicLlavaProcessor"}
 IMAGE_PROCESSOR_AUTO_MAP = {
     "AutoImageProcessor": "image_processing_dynamic_llava.DynamicLlavaImageProcessor",
@@ -141,18 +121,32 @@ class ShardWriter:
         return names
 
 
-def write_code_files(folder: Path) -> None:
-    for name, source in CODE_FILES.items():
+def folder_code_files(base: Base) -> dict[str, Path]:
+    """Every remote-code file of a folder of `base`: the model side and the processor side, flat."""
+    return {**base.code_files, **PROCESSOR_CODE_FILES[base.stock_model_type]}
+
+
+def write_code_files(folder: Path, base: Base | None = None) -> None:
+    """Copy the remote-code files of `base` (default LLaVA-1.5) into `folder`."""
+    for name, source in folder_code_files(base or BASES["llava"]).items():
         if not source.exists():
             raise FileNotFoundError(f"{source} is missing from the package; reinstall dynamic-llava.")
         shutil.copyfile(source, Path(folder) / name)
 
 
-def write_model_config(config: DynamicLlavaConfig, folder: str | os.PathLike) -> None:
-    """config.json with `auto_map` and `architectures`, as transformers 4.57 writes it (5.x reads it)."""
-    config.auto_map = dict(MODEL_AUTO_MAP)
-    config.architectures = ["DynamicLlavaForConditionalGeneration"]
+def write_model_config(config: Any, folder: str | os.PathLike) -> None:
+    """config.json with its base's `auto_map` and `architectures` (our class names, whatever wrapper the model is in),
+    as transformers 4.57 writes it (5.x reads it)."""
+    base = base_of(config)
+    config.auto_map = dict(base.auto_map)
+    config.architectures = [base.model_class]
     config.save_pretrained(folder)
+    # (4.57's Qwen2.5-VL config leaves `architectures` out of the file it writes: write both entries as given)
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    if data.get("architectures") != config.architectures or data.get("auto_map") != config.auto_map:
+        data.update(architectures=config.architectures, auto_map=config.auto_map)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def add_auto_map(path: str | os.PathLike, auto_map: dict[str, str]) -> None:
@@ -201,6 +195,28 @@ def write_processor_files(
     for name in ("processor_config.json", "tokenizer_config.json"):
         if (folder / name).exists():
             add_auto_map(folder / name, PROCESSOR_AUTO_MAP)
+
+
+def write_base_processor_files(processor: Any, config: Any, folder: str | os.PathLike) -> None:
+    """
+    The processor side of a folder of any base: LLaVA-1.5 as `write_processor_files`; another base's processor
+    (stock or Dynamic) saved as its Dynamic processor class, in the layout both majors read, with its `auto_map`s.
+    """
+    base = base_of(config)
+    if base.stock_model_type == "llava":
+        write_processor_files(processor.image_processor, processor.tokenizer, config, folder)
+        return
+    cls = base.load_processor_class()
+    if not isinstance(processor, cls):
+        raise TypeError(f"a {base.stock_name} folder takes a {cls.__name__}, got {type(processor).__name__}")
+    processor.save_pretrained(str(folder))
+    folder = Path(folder)
+    _normalize_processor_files(folder)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        if (folder / name).exists():
+            add_auto_map(folder / name, BASE_PROCESSOR_AUTO_MAPS[base.stock_model_type])
+    if (folder / "preprocessor_config.json").exists():
+        add_auto_map(folder / "preprocessor_config.json", BASE_IMAGE_PROCESSOR_AUTO_MAPS[base.stock_model_type])
 
 
 def _normalize_processor_files(folder: Path) -> None:

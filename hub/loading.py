@@ -83,11 +83,17 @@ def check_model_folder(folder: str | os.PathLike, name: str | os.PathLike | None
         model_type = json.loads(config.read_text()).get("model_type")
     except (ValueError, AttributeError) as error:
         raise ValueError(f"{config} is not a JSON object ({error}); expected {_EXPECTED}.") from None
-    if model_type != "dynamic_llava":
-        raise ValueError(
-            f"{name} holds a {model_type!r} model, not dynamic_llava. An original Dynamic-LLaVA checkpoint is "
-            "converted with `dynamic-llava convert`."
+    from .bases import BASES
+
+    dynamic_types = {base.model_type: base for base in BASES.values()}
+    if model_type not in dynamic_types:
+        stock = {base.stock_model_type for base in BASES.values()}
+        hint = (
+            f" It is a stock {model_type} model: `dynamic-llava init --base {name} --out DIR` makes a Dynamic one."
+            if model_type in stock
+            else " An original Dynamic-LLaVA checkpoint is converted with `dynamic-llava convert`."
         )
+        raise ValueError(f"{name} holds a {model_type!r} model, not one of {sorted(dynamic_types)}.{hint}")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise FileNotFoundError(f"{name} has a config.json but no weights (*.safetensors); expected {_EXPECTED}.")
     return folder
@@ -120,14 +126,16 @@ def load_model(
 ) -> DynamicLlavaForConditionalGeneration:
     """The model of a checked folder (`model_folder`) with this package's classes, in eval mode. `dtype` None or
     "auto": the stored dtype; `device_map` and `quantization_config` as in `from_pretrained`."""
-    from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+    from .bases import base_of_model_type
 
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    model_class = base_of_model_type(model_type).load_model_class()
     kwargs: dict = {"dtype": dtype or "auto"}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    return DynamicLlavaForConditionalGeneration.from_pretrained(str(folder), **kwargs).eval()
+    return model_class.from_pretrained(str(folder), **kwargs).eval()
 
 
 def load_local(
@@ -150,6 +158,11 @@ def load_processor(folder: str | os.PathLike) -> DynamicLlavaProcessor | None:
     folder = Path(folder)
     if not (folder / "tokenizer_config.json").exists():
         return None
+    from .bases import base_of_model_type
+
+    base = base_of_model_type(json.loads((folder / "config.json").read_text()).get("model_type"))
+    if base.stock_model_type != "llava":  # (the stock image processor, the base's Dynamic processor class)
+        return base.load_processor_class().from_pretrained(str(folder))
     settings = {}
     if (folder / "processor_config.json").exists():
         data = json.loads((folder / "processor_config.json").read_text())

@@ -69,8 +69,11 @@ def write_model_card(
         "---",
         "",
     ]
-    tokens = config.tokens_per_image or config.image_seq_length
-    k = config.vision_keep_tokens or int(tokens * config.vision_keep_rate)
+    tokens = getattr(config, "tokens_per_image", None) or getattr(config, "image_seq_length", None)
+    if tokens:
+        kept = f"{config.vision_keep_tokens or int(tokens * config.vision_keep_rate)} of {tokens} kept per image"
+    else:  # (a base whose images have their own token counts)
+        kept = f"{config.vision_keep_tokens or config.vision_keep_rate} of each image's tokens kept"
     converted = base_model in RELEASED_CHECKPOINTS
     if about is None:
         about = (
@@ -130,7 +133,7 @@ pretrained={repo_id},vision_keep_tokens=128 --tasks ...`.
 |---|---|
 | `sparse_layer` | {config.sparse_layer} |
 | `vision_keep_rate` | {config.vision_keep_rate} |
-| `vision_keep_tokens` | {config.vision_keep_tokens} (wins over the rate when set; {k} of {tokens} kept per image) |
+| `vision_keep_tokens` | {config.vision_keep_tokens} (wins over the rate when set; {kept}) |
 | `use_vision_predictor` | {config.use_vision_predictor} |
 | `use_output_text_predictor` | {config.use_output_text_predictor} (keep a generated token iff logit0 > logit1) |
 | `output_text_keep_rate` | {config.output_text_keep_rate} (training target) |

@@ -446,5 +446,5 @@ def test_a_filled_cache_with_no_new_input_is_a_clear_error(calibrated_model, cut
 def test_prefill_chunks_with_images_are_refused_on_every_version(calibrated_model):
     """5.x's generate() refuses chunked prefill with pixel_values; 4.57's cut the image tokens across chunks and
     failed with a misleading image-count error. Now one clear message on both (text-only chunking: item 4)."""
-    with pytest.raises(ValueError, match="prefill_chunk_size=5 with pixel_values.*prefill_chunk_size=None"):
+    with pytest.raises(ValueError, match="prefill_chunk_size=5 with images.*prefill_chunk_size=None"):
         calibrated_model.generate(**tiny_inputs([(5, 6, 7), (8, 9)]), max_new_tokens=3, prefill_chunk_size=5)

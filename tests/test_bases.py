@@ -1,0 +1,180 @@
+"""
+Every base of the registry (`hub/bases.py`) keeps the invariants: a folder made by `dynamic-llava init` from a stock
+`save_pretrained` folder computes what the stock model does with sparsity off, loads with the stock Auto classes
+from its remote code, and with sparsity on keeps exactly K tokens per image (images of different sizes), gives
+a row in a batch what the row alone gives, and the same tokens with and without a cache.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dynamic_llava.hub.bases import BASES
+from dynamic_llava.hub.init import UNTRAINED_SETTINGS, init_model
+from dynamic_llava.hub.loading import load_local
+from dynamic_llava.transformers_compat import CACHE_KEY
+
+from fixtures.bases import (
+    llava_next_processor_kwargs,
+    tiny_llava_next_config,
+    tiny_llava_next_processor,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen2_5_vl_processor,
+)
+
+GREEDY = {"do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+FOUR_LAYERS = {"text_config": {"num_hidden_layers": 4}}
+
+
+def _noise(height: int, width: int, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def _llava_next():
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    dynamic = tiny_llava_next_processor()
+    stock = LlavaNextProcessor(
+        image_processor=dynamic.image_processor, tokenizer=dynamic.tokenizer, **llava_next_processor_kwargs()
+    )
+    return LlavaNextForConditionalGeneration(tiny_llava_next_config(**FOUR_LAYERS)), stock, "<image>"
+
+
+def _qwen2_5_vl():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    # (the stock processor needs a video processor, hence torchvision: the Dynamic one processes images as stock's
+    # does, tests/test_processor_bases.py; the stock folder gets the stock tokenizer and image processor files)
+    processor = tiny_qwen2_5_vl_processor()
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    return Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**FOUR_LAYERS)), processor, image
+
+
+# the bases with a stock processor here (LLaVA-1.5's own invariants are tests/test_core.py's, on its tiny model)
+STOCK_BASES = {"llava_next": _llava_next, "qwen2_5_vl": _qwen2_5_vl}
+
+
+@pytest.fixture(scope="module", params=sorted(STOCK_BASES))
+def base(request, tmp_path_factory):
+    """(name, stock model, stock processor, image placeholder, Dynamic folder made by init from the stock folder)."""
+    torch.manual_seed(0)
+    stock, processor, image = STOCK_BASES[request.param]()
+    stock.eval()
+    folder = tmp_path_factory.mktemp(request.param)
+    stock.save_pretrained(folder / "stock")
+    if request.param == "qwen2_5_vl":
+        processor.tokenizer.save_pretrained(folder / "stock")
+        processor.image_processor.save_pretrained(folder / "stock")
+    else:
+        processor.save_pretrained(folder / "stock")
+    init_model(folder / "stock", folder / "dynamic")
+    return request.param, stock, processor, image, folder / "dynamic"
+
+
+def _rows(processor, image: str, rows: list[tuple[str, list[Image.Image]]]) -> dict:
+    texts = [text.replace("<img>", image) for text, _ in rows]
+    images = [picture for _, pictures in rows for picture in pictures]
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True))
+
+
+def _row_specs() -> list[tuple[str, list[Image.Image]]]:
+    """Two rows: one image, and two images of other sizes (the rows' lengths differ: one pads on the left)."""
+    return [
+        ("<img> what is it?", [_noise(90, 60, 1)]),
+        ("<img> and <img> two", [_noise(56, 112, 2), _noise(112, 112, 3)]),
+    ]
+
+
+def _batch(processor, image):
+    return _rows(processor, image, _row_specs())
+
+
+def test_init_writes_a_folder_of_its_base_with_untrained_settings(base):
+    name, _, _, _, folder = base
+    config = json.loads((folder / "config.json").read_text())
+    spec = BASES[name]
+    assert config["model_type"] == spec.model_type and config["architectures"] == [spec.model_class]
+    assert config["auto_map"] == spec.auto_map
+    assert {key: config[key] for key in UNTRAINED_SETTINGS} == UNTRAINED_SETTINGS
+    assert (folder / f"modeling_{spec.module}.py").is_file() and (folder / "sparse_flow.py").is_file()
+    assert "untrained" in (folder / "README.md").read_text()
+
+
+def test_sparsity_off_equals_stock_on_each_base(base):
+    """The stock weights are kept exactly: with sparsity off the Dynamic model gives stock's tokens and logits
+    (each row alone: stock 4.57 Qwen2.5-VL decodes left-padded rows with positions that ignore the padding)."""
+    _, stock, processor, image, folder = base
+    model, _ = load_local(folder)
+    for text, pictures in [("<img> what is it?", [_noise(90, 60, 1)]), ("<img> two", [_noise(56, 112, 2)])]:
+        one = _rows(processor, image, [(text, pictures)])
+        a = model.generate(**one, max_new_tokens=6, use_vision_predictor=False, **GREEDY)
+        b = stock.generate(**one, max_new_tokens=6, **GREEDY)
+        assert torch.equal(a.sequences, b.sequences)
+        assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-5
+
+
+def test_auto_classes_and_pipeline_load_the_init_folder_in_a_fresh_process(base, tmp_path):
+    """The folder alone (its remote code; this package not importable), with `AutoModelForImageTextToText`,
+    `AutoProcessor` and `pipeline("image-text-to-text")`, decodes what this package's classes decode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fixtures import FIXTURES
+
+    name, _, processor, image, folder = base
+    picture = tmp_path / "image.png"
+    _noise(90, 60, 1).save(picture)
+    text = f"{image} what is it?"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    project = Path(__file__).resolve().parents[1].name
+    run = subprocess.run(
+        [sys.executable, str(FIXTURES / "base_model_load_script.py"), str(folder), str(picture), text, project],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["classes"][:2] == [BASES[name].model_class, BASES[name].processor_class]
+    assert not result["classes"][2].startswith("dynamic_llava")  # the folder's own code
+    model, _ = load_local(folder)
+    inputs = _rows(processor, image, [("<img> what is it?", [_noise(90, 60, 1)])])
+    ours = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert result["sequences"] == ours.sequences.tolist()
+    assert result["kept_vision"] == [
+        [len(kept) for kept in row] for row in getattr(ours, CACHE_KEY).kept_vision_indices
+    ]
+    assert isinstance(result["pipeline"], str) and result["pipeline"]
+
+
+def test_each_image_keeps_exactly_k_tokens_and_rows_equal_the_row_alone(base):
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    batch = _batch(processor, image)
+    k = 5
+    out = model.generate(**batch, max_new_tokens=5, vision_keep_tokens=k, **GREEDY)
+    cache = getattr(out, CACHE_KEY)
+    assert [[len(kept) for kept in row] for row in cache.kept_vision_indices] == [[k], [k, k]]
+    width = batch["input_ids"].shape[1]
+    for row, spec in enumerate(_row_specs()):
+        alone = model.generate(**_rows(processor, image, [spec]), max_new_tokens=5, vision_keep_tokens=k, **GREEDY)
+        assert torch.equal(out.sequences[row, width:], alone.sequences[0, -5:])
+        kept_alone = getattr(alone, CACHE_KEY).kept_vision_indices[0]
+        assert all(torch.equal(a, b) for a, b in zip(cache.kept_vision_indices[row], kept_alone, strict=True))
+
+
+def test_cached_decoding_equals_uncached_on_each_base(base):
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    batch = _batch(processor, image)
+    cached = model.generate(**batch, max_new_tokens=5, vision_keep_tokens=5, **GREEDY)
+    uncached = model.generate(**batch, max_new_tokens=5, vision_keep_tokens=5, use_cache=False, **GREEDY)
+    assert torch.equal(cached.sequences, uncached.sequences)
