@@ -114,9 +114,32 @@ def answer_span(labels: torch.Tensor, attention_mask: torch.Tensor | None = None
     return start, end
 
 
-def budget_loss(target: torch.Tensor | float, ratio: torch.Tensor) -> torch.Tensor:
-    """`mean_b (target_b - ratio_b)^2`: the keep-budget term of one predictor (`ratio` `[B]`, the mask means)."""
-    return ((target - ratio) ** 2).mean()
+def budget_loss(terms: torch.Tensor, weights: torch.Tensor, total: torch.Tensor | float) -> torch.Tensor:
+    """
+    `sum_b weights_b * terms_b / total`: one predictor's keep-budget term, token-weighted like the LM loss.
+
+    terms: `[B]`, each row's `(target - ratio)^2` (0 for a row the predictor does not score). weights: `[B]`, each
+    row's label tokens (the tokens its cross-entropy counts). total: the label tokens of the whole optimizer step (the
+    Trainer's `num_items_in_batch`: every micro-batch and process), or this batch's own. A sum over rows divided by
+    one global count is what makes gradient accumulation and data parallelism equal one large batch; for one row it
+    is the original's `(target - ratio)^2`.
+    """
+    return (terms * weights).sum() / total
+
+
+def row_weights(labels: torch.Tensor | None, batch: int, num_items_in_batch: Any, device: torch.device):
+    """
+    (`[B]` float weights, total) of `budget_loss`: each row's label tokens after the causal shift (what
+    `ForCausalLMLoss` averages over) and `num_items_in_batch` (or their sum, at least 1). Without labels: 1 per row
+    over `batch` (the plain mean over rows).
+    """
+    if labels is None:
+        return torch.ones(batch, device=device), float(batch)
+    weights = (labels[:, 1:] != -100).sum(-1).to(device=device, dtype=torch.float32)
+    if num_items_in_batch is None:
+        return weights, weights.sum().clamp(min=1.0)
+    total = num_items_in_batch.to(device) if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
+    return weights, total
 
 
 def temperature(step: int, max_steps: int) -> float:
@@ -124,21 +147,25 @@ def temperature(step: int, max_steps: int) -> float:
     return 0.1 ** (step / max(max_steps, 1))
 
 
-def predictor_parameter_groups(model, predictor_lr: float = 2e-4, lr: float = 5e-6, freeze_vision_tower: bool = True,
-                               freeze_projector: bool = False, freeze_llm: bool = False) -> list[dict]:  # fmt: skip
-    """
-    Optimizer groups: the predictors at `predictor_lr`, everything else trainable at `lr`, no weight decay.
-    Frozen parts get `requires_grad_(False)` (the vision tower by default, as the original).
-    """
+def freeze_parts(model, freeze_vision_tower: bool = True, freeze_projector: bool = False,
+                 freeze_llm: bool = False) -> None:  # fmt: skip
+    """`requires_grad_(False)` on the parts that are not trained (the vision tower by default, as the original)."""
     frozen = []
     if freeze_vision_tower:
-        frozen.append(model.model.vision_tower)
+        frozen.append(model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual)
     if freeze_projector:
-        frozen.append(model.model.multi_modal_projector)
+        frozen.append(getattr(model.model, "multi_modal_projector", None) or model.model.visual.merger)
     if freeze_llm:
         frozen += [model.model.language_model, model.lm_head]
     for module in frozen:
         module.requires_grad_(False)
+
+
+def parameter_groups(model, predictor_lr: float = 2e-4, lr: float = 5e-6) -> list[dict]:
+    """
+    Optimizer groups over the trainable parameters: the predictors (any parameter named `...score_predictor...`,
+    whatever wrapper prefixes DDP, FSDP or DeepSpeed add) at `predictor_lr`, the rest at `lr`, no weight decay.
+    """
     predictors, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -147,3 +174,10 @@ def predictor_parameter_groups(model, predictor_lr: float = 2e-4, lr: float = 5e
     if rest:
         groups.append({"params": rest, "lr": lr, "weight_decay": 0.0})
     return groups
+
+
+def predictor_parameter_groups(model, predictor_lr: float = 2e-4, lr: float = 5e-6, freeze_vision_tower: bool = True,
+                               freeze_projector: bool = False, freeze_llm: bool = False) -> list[dict]:  # fmt: skip
+    """`freeze_parts` then `parameter_groups` (for a hand-made optimizer; the Trainer path is `DynamicLlavaTrainer`)."""
+    freeze_parts(model, freeze_vision_tower, freeze_projector, freeze_llm)
+    return parameter_groups(model, predictor_lr, lr)

@@ -22,6 +22,8 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 __all__ = [
     "CACHE_KEY",
+    "CHUNKED_PREFILL_POSITIONS_FROM_CACHE",
+    "GENERATION_CONFIG_HAS_MAX_CACHE_LEN",
     "GENERATE_CONTINUES_A_CACHE_WITHOUT_USE_CACHE",
     "SDPA_SLICES_4D_MASKS",
     "PASSES_CACHE_POSITION",
@@ -33,8 +35,11 @@ __all__ = [
     "hub_key",
     "image_features_list",
     "keep_in_fp32_names",
+    "layer_output",
     "lazy_initialization_takes_values",
+    "qwen_rope_index",
     "query_length",
+    "rotate_queries",
     "supported_generation_modes",
     "trainer_warmup_kwargs",
 ]
@@ -207,3 +212,71 @@ def trainer_warmup_kwargs(ratio: float) -> dict:
 
     fields = getattr(TrainingArguments, "__dataclass_fields__", {})
     return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
+
+
+def _chunked_prefill_positions_from_cache() -> bool:
+    """4.57's `_prefill_chunking` passes each chunk `position_ids` = its cache positions, ignoring left padding (5.x
+    derives them from the padding mask). Goes with 4.57."""
+    from transformers.generation.utils import GenerationMixin
+
+    chunking = getattr(GenerationMixin, "_prefill_chunking", None)
+    if chunking is None:
+        return False
+    return 'model_kwargs["position_ids"] = model_kwargs["cache_position"]' in inspect.getsource(chunking)
+
+
+CHUNKED_PREFILL_POSITIONS_FROM_CACHE = _chunked_prefill_positions_from_cache()
+
+
+def _generation_config_has_max_cache_len() -> bool:
+    """`GenerationConfig.max_cache_len` (the static cache's size across calls) is a field from 5.25 on; before, the
+    model's generate() takes it itself. Goes when the minimum supported version has it."""
+    from transformers import GenerationConfig
+
+    return "max_cache_len" in GenerationConfig().__dict__
+
+
+GENERATION_CONFIG_HAS_MAX_CACHE_LEN = _generation_config_has_max_cache_len()
+
+
+def rotate_queries(attention: Any, queries: torch.Tensor, rope: tuple, keys: torch.Tensor | None = None) -> Any:
+    """
+    Apply a decoder attention module's own rotary embedding to `queries` (and `keys`), `[batch, heads, q, D]`, with
+    the `(cos, sin)` its model's `rotary_emb` returned. 4.57's Qwen2.5-VL applies M-RoPE inside the attention
+    (`apply_multimodal_rotary_pos_emb`, cos `[3, batch, q, D]`); 5.x and the Llama-style bases apply
+    `apply_rotary_pos_emb` to cos `[batch, q, D]`. Returns the rotated queries, or `(queries, keys)`.
+    """
+    import sys
+
+    module = sys.modules[type(attention).__module__]
+    cos, sin = rope
+    other = queries if keys is None else keys
+    if cos.dim() == 4 and hasattr(module, "apply_multimodal_rotary_pos_emb"):  # (4.57's Qwen2.5-VL; goes with it)
+        section = (getattr(attention, "rope_scaling", None) or {}).get("mrope_section")
+        if section is None:
+            section = attention.config.rope_scaling["mrope_section"]
+        rotated = module.apply_multimodal_rotary_pos_emb(queries, other, cos, sin, section)
+    else:
+        rotated = module.apply_rotary_pos_emb(queries, other, cos, sin)
+    return rotated[0] if keys is None else rotated
+
+
+def qwen_rope_index(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor, attention_mask: torch.Tensor):
+    """
+    The stock M-RoPE positions of a Qwen2.5-VL chunk (`get_rope_index`, as if the chunk started the sequence): 5.x
+    takes the modality of each token (`mm_token_type_ids`: 1 at image tokens), 4.57 finds images by their
+    vision-start tokens. Returns `([3, batch, q]` positions, `[batch, 1]` offsets). Goes with 4.57.
+    """
+    parameters = inspect.signature(model.get_rope_index).parameters
+    if "mm_token_type_ids" in parameters:
+        types = (input_ids == model.config.image_token_id).int()
+        return model.get_rope_index(
+            input_ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+    return model.get_rope_index(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+
+
+def layer_output(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states: 4.57's Qwen2.5-VL layers return a tuple `(hidden_states, ...)`, the others
+    (and every 5.x layer) the tensor itself. Goes with 4.57."""
+    return output[0] if isinstance(output, tuple) else output
