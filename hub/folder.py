@@ -176,7 +176,7 @@ def write_processor_files(
     image_processor: Any, tokenizer: Any, config: DynamicLlavaConfig, folder: str | os.PathLike
 ) -> None:
     """Processor, image processor and tokenizer files with the chat template and `auto_map`, in the format both
-    transformers majors read (TRANSFORMERS_NOTES section 7)."""
+    transformers majors read (4.57 reads the image processor from preprocessor_config.json only)."""
     from ..processor.processing_dynamic_llava import DynamicLlavaProcessor
 
     processor = DynamicLlavaProcessor(

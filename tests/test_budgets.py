@@ -1,4 +1,4 @@
-"""Per-call sparsity budgets (issue 17): one loaded model compares the field's standard budgets."""
+"""Per-call sparsity budgets: one loaded model compares the field's standard budgets."""
 
 from __future__ import annotations
 

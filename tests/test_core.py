@@ -1,4 +1,4 @@
-"""Core properties of Dynamic-LLaVA on tiny random models (DESIGN.md part C, issue 3)."""
+"""Core properties of Dynamic-LLaVA on tiny random models (the invariants of docs/design.md)."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""bitsandbytes, device_map / offload and half precision: sparsification keeps working (issue 7)."""
+"""bitsandbytes, device_map / offload and half precision: sparsification keeps working."""
 
 import importlib.util
 

@@ -1,4 +1,4 @@
-"""A seeded, bounded randomized hunt for wrong answers (issue 15): random batches through generate(), each checked
+"""A seeded, bounded randomized hunt for wrong answers: random batches through generate(), each checked
 against the properties that must hold whatever the input.
 
 Each draw picks 1-6 rows with 0-2 images at random places and random prompt lengths (left padded), a decoding mode

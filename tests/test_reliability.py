@@ -1,6 +1,5 @@
-"""No silent wrong answers: one regression test per case of the adversarial review (issue 15, items 1-15).
-
-Each test names its item. The CLI's bad inputs are in test_cli.py; the randomized hunt is test_randomized.py.
+"""No silent wrong answers: one regression test per case found by review, each named by the behaviour
+it checks. The CLI's bad inputs are in test_cli.py; the randomized hunt is test_randomized.py.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def two_image_rows(seed: int = 4) -> dict:
 # ---- 1. several images in one row under num_return_sequences / num_beams -----------------------------------------
 
 
-def test_item01_a_rows_images_are_expanded_as_a_group(calibrated_model):
+def test_a_rows_images_are_expanded_as_a_group(calibrated_model):
     inputs = two_image_rows()
     off = sparsity_off(calibrated_model)
     # greedy copies (sampling among the top 1): the same as stock on inputs expanded by hand (rows repeated, each
@@ -75,7 +74,7 @@ def test_item01_a_rows_images_are_expanded_as_a_group(calibrated_model):
 # ---- 2. training with left padding --------------------------------------------------------------------------------
 
 
-def test_item02_training_left_padded_row_equals_the_row_alone():
+def test_training_left_padded_row_equals_the_row_alone():
     model = tiny_model(1)
     model.train()
     model.model.gumbel_noise = False  # deterministic masks (the straight-through argmax)
@@ -114,7 +113,7 @@ def saved_tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("field, value, message", BAD_FIELDS)
-def test_item03_fields_are_checked_by_constructor_from_pretrained_and_assignment(saved_tiny, field, value, message):
+def test_fields_are_checked_by_constructor_from_pretrained_and_assignment(saved_tiny, field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**{field: value})
     with pytest.raises(ValueError, match=message):
@@ -130,7 +129,7 @@ def test_item03_fields_are_checked_by_constructor_from_pretrained_and_assignment
 
 
 @pytest.mark.parametrize("chunk", [4, 5])  # prompts of 9 tokens: the last chunk is 1 token with 4 (4 + 4 + 1)
-def test_item04_prefill_chunks_are_prompt_whatever_their_size(calibrated_model, chunk):
+def test_prefill_chunks_are_prompt_whatever_their_size(calibrated_model, chunk):
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12]])
     whole = calibrated_model.generate(input_ids=ids, max_new_tokens=8, **GREEDY)
     chunked = calibrated_model.generate(input_ids=ids, max_new_tokens=8, prefill_chunk_size=chunk, **GREEDY)
@@ -144,7 +143,7 @@ def test_item04_prefill_chunks_are_prompt_whatever_their_size(calibrated_model, 
 # ---- 5. a caller's own cache object ---------------------------------------------------------------------------------
 
 
-def test_item05_callers_cache_is_filled_in_place_or_refused_clearly(calibrated_model):
+def test_callers_cache_is_filled_in_place_or_refused_clearly(calibrated_model):
     inputs = tiny_inputs([(5, 6, 7, 8)])
     with pytest.raises(TypeError, match=r"needs its own cache.*DynamicLlavaCache\(model\.config\)"):
         calibrated_model.generate(**inputs, max_new_tokens=4, **{CACHE_KEY: DynamicCache()})
@@ -173,7 +172,7 @@ def test_item05_callers_cache_is_filled_in_place_or_refused_clearly(calibrated_m
         (lambda config: DynamicLlavaCache(num_hidden_layers=6, sparse_layer=2), "has 6 layers"),
     ],
 )
-def test_item06_a_mismatched_cache_is_refused(calibrated_model, make, message):
+def test_a_mismatched_cache_is_refused(calibrated_model, make, message):
     inputs = tiny_inputs([(5, 6, 7)])
     with pytest.raises(ValueError, match=message):
         calibrated_model.generate(**inputs, max_new_tokens=3, **{CACHE_KEY: make(calibrated_model.config)})
@@ -184,7 +183,7 @@ def test_item06_a_mismatched_cache_is_refused(calibrated_model, make, message):
 # ---- 7. a filled cache with use_cache=False ------------------------------------------------------------------------
 
 
-def test_item07_filled_cache_with_use_cache_false_does_what_stock_does(calibrated_model):
+def test_filled_cache_with_use_cache_false_does_what_stock_does(calibrated_model):
     inputs = tiny_inputs([(5, 6, 7, 8)])
     off = sparsity_off(calibrated_model)
     stock = stock_llava(off)
@@ -210,7 +209,7 @@ def test_item07_filled_cache_with_use_cache_false_does_what_stock_does(calibrate
 # ---- 8. cache_implementation ---------------------------------------------------------------------------------------
 
 
-def test_item08_static_cache_implementation_gives_the_static_sparse_cache(calibrated_model, batch_inputs):
+def test_static_cache_implementation_gives_the_static_sparse_cache(calibrated_model, batch_inputs):
     dynamic = calibrated_model.generate(**batch_inputs, max_new_tokens=8, **GREEDY)
     static = calibrated_model.generate(**batch_inputs, max_new_tokens=8, cache_implementation="static", **GREEDY)
     assert isinstance(cache_from_output(static), DynamicLlavaStaticCache)
@@ -221,7 +220,7 @@ def test_item08_static_cache_implementation_gives_the_static_sparse_cache(calibr
 
 
 @pytest.mark.parametrize("implementation", ["offloaded", "quantized", "offloaded_static", "paged", "sliding_window"])
-def test_item08_other_cache_implementations_are_refused_naming_the_supported_ones(calibrated_model, implementation):
+def test_other_cache_implementations_are_refused_naming_the_supported_ones(calibrated_model, implementation):
     inputs = tiny_inputs([(5, 6, 7)])
     with pytest.raises(ValueError, match=f"cache_implementation='{implementation}'.*'dynamic'.*'static'"):
         calibrated_model.generate(**inputs, max_new_tokens=3, cache_implementation=implementation)
@@ -230,7 +229,7 @@ def test_item08_other_cache_implementations_are_refused_naming_the_supported_one
 # ---- 9. rows that reached EOS ---------------------------------------------------------------------------------------
 
 
-def test_item09_finished_rows_keep_their_bookkeeping(calibrated_model, batch_inputs):
+def test_finished_rows_keep_their_bookkeeping(calibrated_model, batch_inputs):
     probe = calibrated_model.generate(**batch_inputs, max_new_tokens=12, do_sample=False)
     width = batch_inputs["input_ids"].shape[1]
     generated = probe[:, width:]
@@ -265,7 +264,7 @@ def test_item09_finished_rows_keep_their_bookkeeping(calibrated_model, batch_inp
 
 
 @pytest.mark.parametrize("cast", ["to", "half", "bfloat16"])
-def test_item10_dtype_casts_keep_the_predictors_float32(saved_tiny, cast):
+def test_dtype_casts_keep_the_predictors_float32(saved_tiny, cast):
     model = tiny_model(0)
     dtype = torch.float16 if cast == "half" else torch.bfloat16
     cast_model = model.to(dtype) if cast == "to" else getattr(model, cast)()
@@ -285,7 +284,7 @@ def test_item10_dtype_casts_keep_the_predictors_float32(saved_tiny, cast):
 # ---- 11. text-only calls report one entry per row -----------------------------------------------------------------
 
 
-def test_item11_text_only_calls_report_an_empty_list_per_row(calibrated_model):
+def test_text_only_calls_report_an_empty_list_per_row(calibrated_model):
     ids = torch.tensor([[1, 5, 6, 7], [0, 1, 8, 9]])
     mask = (ids != 0).long()
     out = calibrated_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **GREEDY)
@@ -297,7 +296,7 @@ def test_item11_text_only_calls_report_an_empty_list_per_row(calibrated_model):
 # ---- 12. generate() in training mode -------------------------------------------------------------------------------
 
 
-def test_item12_generate_in_train_mode_runs_in_eval_and_restores_training(calibrated_model, caplog):
+def test_generate_in_train_mode_runs_in_eval_and_restores_training(calibrated_model, caplog):
     model = copy.deepcopy(calibrated_model)
     inputs = tiny_inputs([(5, 6, 7, 8)])
     expected = model.generate(**inputs, max_new_tokens=6, **GREEDY)
@@ -314,7 +313,7 @@ def test_item12_generate_in_train_mode_runs_in_eval_and_restores_training(calibr
 
 
 @pytest.mark.parametrize("sparsity", [True, False])
-def test_item14_crop_is_refused_with_a_true_message(calibrated_model, sparsity):
+def test_crop_is_refused_with_a_true_message(calibrated_model, sparsity):
     model = calibrated_model if sparsity else sparsity_off(calibrated_model)
     cache = model(**tiny_inputs([(5, 6, 7)]))[CACHE_KEY]
     with pytest.raises(ValueError, match="cannot be cropped.*not supported") as error:
@@ -327,7 +326,7 @@ def test_item14_crop_is_refused_with_a_true_message(calibrated_model, sparsity):
 # ---- 15. return_dict=False, and an attention mask of the wrong shape -----------------------------------------------
 
 
-def test_item15_return_dict_false_gives_a_tuple(calibrated_model):
+def test_return_dict_false_gives_a_tuple(calibrated_model):
     inputs = tiny_inputs([(5, 6, 7)])
     with torch.no_grad():
         as_tuple = calibrated_model(**inputs, return_dict=False)
@@ -336,7 +335,7 @@ def test_item15_return_dict_false_gives_a_tuple(calibrated_model):
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (2, 24), (1, 24, 1)])
-def test_item15_attention_mask_of_the_wrong_shape_is_a_clear_error(calibrated_model, shape):
+def test_attention_mask_of_the_wrong_shape_is_a_clear_error(calibrated_model, shape):
     inputs = tiny_inputs([(5, 6, 7, 8, 9)])
     with pytest.raises(ValueError, match="attention_mask has shape"):
         calibrated_model(**dict(inputs, attention_mask=torch.ones(shape, dtype=torch.long)))
@@ -345,7 +344,7 @@ def test_item15_attention_mask_of_the_wrong_shape_is_a_clear_error(calibrated_mo
 # ---- 16. an image in a later turn, through the returned cache ------------------------------------------------------
 
 
-def test_item16_a_later_turns_image_reaches_the_model_through_generate(calibrated_model):
+def test_a_later_turns_image_reaches_the_model_through_generate(calibrated_model):
     """transformers 4.57's generate() forwards pixel_values only while the cache is empty: a second turn's image was
     silently embedded as plain <image> tokens. Now it is encoded (and pruned) like the first turn's."""
     inputs = tiny_inputs([(5, 6, 7)], seed=8)
@@ -368,7 +367,7 @@ def test_item16_a_later_turns_image_reaches_the_model_through_generate(calibrate
     )
 
 
-def test_item16_image_tokens_without_pixel_values_are_a_clear_error(calibrated_model):
+def test_image_tokens_without_pixel_values_are_a_clear_error(calibrated_model):
     inputs = tiny_inputs([(5, 6, 7)])
     with pytest.raises(ValueError, match="image tokens but no pixel_values"):
         calibrated_model(input_ids=inputs["input_ids"])
@@ -445,6 +444,6 @@ def test_a_filled_cache_with_no_new_input_is_a_clear_error(calibrated_model, cut
 
 def test_prefill_chunks_with_images_are_refused_on_every_version(calibrated_model):
     """5.x's generate() refuses chunked prefill with pixel_values; 4.57's cut the image tokens across chunks and
-    failed with a misleading image-count error. Now one clear message on both (text-only chunking: item 4)."""
+    failed with a misleading image-count error. Now one clear message on both (text-only chunking works)."""
     with pytest.raises(ValueError, match="prefill_chunk_size=5 with images.*prefill_chunk_size=None"):
         calibrated_model.generate(**tiny_inputs([(5, 6, 7), (8, 9)]), max_new_tokens=3, prefill_chunk_size=5)

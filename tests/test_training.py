@@ -1,4 +1,4 @@
-"""Training mode (issue 8, first part): straight-through masks, masked softmax, budget loss, stock Trainer."""
+"""Training mode: straight-through masks, masked softmax, budget loss, stock Trainer."""
 
 import functools
 

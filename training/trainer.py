@@ -98,6 +98,12 @@ def train(
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     model, processor = load_local(model_dir, dtype=torch.float32)
+    if model.config.model_type != "dynamic_llava":
+        raise ValueError(
+            f"{model_dir} is a {model.config.model_type} model: `dynamic-llava train` reads LLaVA-1.5 conversation "
+            "data (one <image> of image_seq_length tokens) for LLaVA-1.5 folders only so far. Train another base "
+            "with `DynamicLlavaTrainer` (dynamic_llava.training.trainer) on batches from its own processor."
+        )
     if processor is None:
         raise ValueError(f"{model_dir} has no tokenizer/processor files; export it with its processor first")
     dataset = LlavaConversationDataset(data, images, processor, model.config.image_seq_length, max_length)
