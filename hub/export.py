@@ -25,7 +25,27 @@ if TYPE_CHECKING:
     from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
     from ..processor import DynamicLlavaProcessor
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "full_state_dict"]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """
+    `model.state_dict()` with every sharded (DTensor) entry gathered into a full tensor: a collective under FSDP2 or
+    tensor parallelism, so every process calls it (the same order of keys on each); plain entries are as they are.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # (a torch without DTensor has no sharded entries)
+        return model.state_dict()
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+
+
+def has_sharded_weights(state_dict: dict[str, torch.Tensor]) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(v, DTensor) for v in state_dict.values())
 
 
 def export_model(
@@ -54,10 +74,15 @@ def export_model(
         model, loaded_processor = load_local(str(model), dtype=dtype)
         processor = processor or loaded_processor
     config = copy.deepcopy(model.config)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_state_dict(
-            model.state_dict() if state_dict is None else state_dict, tmp, max_shard_size=max_shard_size, dtype=dtype
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    if has_sharded_weights(state_dict):
+        raise ValueError(
+            "the model's weights are sharded (FSDP2 or tensor parallel): gather them on every process with "
+            "`state_dict = dynamic_llava.hub.export.full_state_dict(model)` and pass `export_model(..., "
+            "state_dict=state_dict)` from the main process."
         )
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_state_dict(state_dict, tmp, max_shard_size=max_shard_size, dtype=dtype)
         set_dtype_field(config, dtype or model.dtype)
         write_model_config(config, tmp)
         write_code_files(tmp, base_of(config))

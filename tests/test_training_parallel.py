@@ -97,3 +97,47 @@ def test_tensor_parallel_model_decodes_what_one_process_does(tmp_path):
     assert parallel["sequences"] == result.sequences.tolist()
     assert parallel["kept_vision"] == [[image.tolist() for image in row] for row in cache.kept_vision_indices]
     assert parallel["kept"] == cache.kept_lengths().tolist()
+
+
+def _has_fsdp2_distributed_config() -> bool:
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return False
+    import inspect
+
+    return "fsdp_size" in inspect.signature(DistributedConfig).parameters
+
+
+@pytest.mark.skipif(
+    not _has_fsdp2_distributed_config(), reason="this transformers has no DistributedConfig(fsdp_size=...) (FSDP2)"
+)
+def test_fsdp2_sharded_model_saves_and_exports_full_weights_under_our_class_names(tmp_path):
+    """A model sharded by FSDP2 (`DistributedConfig`) after a training step: `save_pretrained` and `export_model`
+    (with `full_state_dict`) write our class names in `auto_map` / `architectures` and our remote code (not torch's
+    wrapper), and the full weights: those of the same step in one process."""
+    from dynamic_llava.hub.bases import BASES
+    from dynamic_llava.hub.export import export_model
+    from dynamic_llava.hub.loading import load_model
+
+    from fixtures.parallel_training import sgd_step
+
+    export_model(tiny_model(4), tmp_path / "model")
+    _run("--fsdp", str(tmp_path), processes=2)
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    assert report["class"].startswith("FSDP") and report["param"] == "DTensor"  # (it was sharded)
+    one = load_model(tmp_path / "model")
+    loss = sgd_step(one)
+    assert report["loss"] == pytest.approx(loss, rel=1e-5)
+    expected = one.state_dict()
+    llava = BASES["llava"]
+    for name in ("saved", "exported"):
+        folder = tmp_path / name
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == [llava.model_class]
+        assert set(config["auto_map"].values()) <= set(llava.auto_map.values()), config["auto_map"]
+        assert not list(folder.glob("_fsdp*.py")) and (folder / "modeling_dynamic_llava.py").is_file()
+        state = load_model(folder).state_dict()
+        flat = torch.cat([(state[k] - expected[k]).flatten().float() for k in expected])
+        norm = torch.cat([expected[k].flatten().float() for k in expected]).norm()
+        assert (flat.norm() / norm).item() <= 1e-5, name

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..hub.export import export_model
+from ..hub.export import export_model, full_state_dict
 from ..hub.loading import load_local
 from ..sparse_training import freeze_parts, parameter_groups, temperature
 from ..transformers_compat import trainer_warmup_kwargs
@@ -148,8 +148,12 @@ def train(
     model.eval()
     model.requires_grad_(True)
     folder = out / "model"
-    # the full state dict, gathered from every process under FSDP (a collective: every process takes part)
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    # the full state dict, gathered from every process under the Trainer's FSDP or a sharded (DTensor) model: a
+    # collective, every process takes part
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    else:
+        state_dict = full_state_dict(model)
     if trainer.is_world_process_zero():
         export_model(model, folder, processor=processor, overwrite=True, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()  # the other processes return once the folder is written

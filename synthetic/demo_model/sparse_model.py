@@ -404,6 +404,25 @@ class SparseGenerationMixin:
             text._attn_implementation = getattr(self, "_inference_attn_implementation", "sdpa")
         return self
 
+    # ---- saving --------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """
+        The stock `save_pretrained`, written as this package's class: FSDP2 (`fully_shard`, `DistributedConfig`)
+        puts a wrapper class above it, whose name and module transformers would otherwise write into `auto_map` and
+        `architectures` (and whose torch files it would copy as remote code). Sharded weights are gathered by
+        transformers as for the stock model.
+        """
+        wrapper = type(self)
+        own = next(c for c in wrapper.__mro__ if not c.__module__.startswith("torch.") and c.__name__ != "FSDPModule")
+        if own is wrapper:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = own  # (only what the class names decide; the wrapper's hooks live on the module itself)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapper
+
     # ---- the head and the loss ---------------------------------------------------------------------------------
 
     def sparse_lm_output(

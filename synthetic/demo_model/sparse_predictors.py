@@ -1,5 +1,5 @@
 """The two learned predictors of Dynamic-LLaVA (module and parameter names as in the original checkpoints, so
-converted weights load by name; DESIGN.md part A).
+converted weights load by name; docs/design.md).
 
 * `ImageScorePredictor` scores each image token entering layer `sparse_layer`.
 * `OutputTextScorePredictor` scores each generated token fed back.

@@ -1,4 +1,4 @@
-"""Training-time pieces of Dynamic-LLaVA (DESIGN.md part A, "Training"): no token is removed while training.
+"""Training-time pieces of Dynamic-LLaVA (docs/design.md, "Training"): no token is removed while training.
 
 * At `sparse_layer`, each predictor's 2-way log-softmax goes through Gumbel-softmax with hard straight-through
   (`gumbel_softmax(log_probs, tau, hard=True)[..., 0]` is the keep mask), so gradients reach the predictors.
@@ -6,7 +6,9 @@
   M = keep mask over key columns with the diagonal forced to 1,
   weights = (exp(x) * M + eps/N) / (sum(exp(x) * M) + eps), eps 1e-6, N = sequence length
   (eps/N also reaches masked and future columns, as in the original).
-* Loss = cross-entropy + mask_loss_weight * [mean_b (r_img - mean(M_img_b))^2 + mean_b (t_b - mean(M_out_b))^2].
+* Loss = cross-entropy + mask_loss_weight * [sum_b w_b (r_img - mean(M_img_b))^2 + sum_b w_b (t_b - mean(M_out_b))^2]
+  / N, w_b the label tokens of row b and N those of the whole optimizer step (`num_items_in_batch`): for one row
+  the original's mean; for several, token-weighted like the cross-entropy, so micro-batches add up (`budget_loss`).
 
 The masked softmax is an attention function (`TRAINING_ATTENTION`) that the sparse layers get through their
 `**kwargs` (`dynamic_llava_keep`); without that kwarg (the dense layers) it is sdpa. Its causal and padding
