@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 GiB = 2**30
+BUDGET_BATCH_LIMIT = {"cpu": 64, "cuda": 512}  # the largest batch a budget probe tries (a CPU probe is slow)
 CALIBRATION_TOKENS = (32, 128)  # the output-text calibration scores at least 32 and at most 128 generated tokens
 
 
@@ -599,6 +600,8 @@ def measure_memory_budget(ctx: BenchContext, results: dict[str, Any]) -> dict[st
         f"bisection with real allocation: each probe a generate of {tokens} new tokens, footprint = own weights + "
         f"growth of the {peak} over the run's start; doubling from a linear estimate, then bisection"
     )
+    limit = BUDGET_BATCH_LIMIT["cuda" if ctx.cuda else "cpu"]
+    out["memory_budget_batch_limit"] = limit
     probes = {}
     for which in WHICH:
 
@@ -617,7 +620,9 @@ def measure_memory_budget(ctx: BenchContext, results: dict[str, Any]) -> dict[st
             if run.startswith("decode_batch") and sides.get(which, {}).get("footprint_bytes")
         }
         start = estimate_largest_batch(measured, budget) or 1
-        out[f"max_batch_{which}"], probes[which] = search_largest_batch(footprint, budget, start=max(start, 1))
+        out[f"max_batch_{which}"], probes[which] = search_largest_batch(
+            footprint, budget, start=min(max(start, 1), limit), limit=limit
+        )
     out["memory_budget_probes"] = probes
     out["max_batch_ratio"] = ratio(out["max_batch_ours"], out["max_batch_stock"] or None)
     for which in WHICH:
