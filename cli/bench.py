@@ -10,10 +10,11 @@ import argparse
 from collections.abc import Collection
 from typing import Any
 
+from ..bench.presets import DEFAULT_PRESET, PRESETS
 from ..sparsity_options import sparsity_options
 from . import common
 from .common import UsageError
-from .flags import add_sparsity_flags, flag_spelling, int_list, positive_float, positive_int
+from .flags import add_sparsity_flags, flag_spelling, int_list, non_negative_int, positive_float, positive_int
 
 __all__ = ["add_bench_flags", "add_parser", "run", "run_bench_kwargs"]
 
@@ -28,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     """Every flag of the bench (what runs, the measures, ours' sparsity per call)."""
     parser.add_argument("--model", help="a Dynamic-LLaVA folder (default: a random model of --preset)")
-    parser.add_argument("--preset", choices=["llava15-cpu", "llava15-7b"], help="default llava15-cpu")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help=f"a random model of these shapes (default {DEFAULT_PRESET})"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument(
         "--batch-sizes", type=int_list, metavar="B1,B2,...", help="batch sizes of the tokens/s runs (e.g. 1,8,32)"
@@ -75,6 +78,25 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="decode steps over which aten ops and host syncs per step are counted (0: skip)",
     )
+    parser.add_argument(
+        "--long-tokens",
+        type=int_list,
+        metavar="K1,K2,...",
+        help="lengths of the long generations (decode time, cache bytes; default 512,1024 on CPU, 1024,2048 on CUDA)",
+    )
+    parser.add_argument("--no-long", action="store_true", help="skip the long generations")
+    parser.add_argument(
+        "--nocache-tokens",
+        type=non_negative_int,
+        default=8,
+        help="new tokens of the use_cache=False decode timing (0 or 1: skip; default 8)",
+    )
+    parser.add_argument(
+        "--budget-tokens",
+        type=positive_int,
+        metavar="N",
+        help="new tokens of each --memory-budget probe (default --new-tokens)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and sampling")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help="folder for results.json and the plots")
@@ -97,7 +119,7 @@ def run_bench_kwargs(args: argparse.Namespace, accepted: Collection[str]) -> dic
             raise UsageError(f"{flag_spelling(field, value)}: the bench cannot run it (run_bench takes no {field})")
     kwargs: dict[str, Any] = dict(
         model=args.model,
-        preset=args.preset or "llava15-cpu",
+        preset=args.preset or DEFAULT_PRESET,
         batch_size=args.batch_size,
         new_tokens=args.new_tokens,
         dtype=args.dtype,
@@ -113,6 +135,9 @@ def run_bench_kwargs(args: argparse.Namespace, accepted: Collection[str]) -> dic
         compile_mode=args.compile_mode,
         memory_budget_gb=args.memory_budget,
         count_steps=args.count_steps,
+        long_tokens=() if args.no_long else args.long_tokens,
+        nocache_tokens=args.nocache_tokens,
+        budget_tokens=args.budget_tokens,
         progress=not args.no_progress,
         seed=args.seed,
     )

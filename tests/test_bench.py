@@ -82,7 +82,13 @@ def test_cache_bytes_equal_hand_counts():
 def test_bench_command_writes_results_and_plots(tmp_path):
     model = tiny_model(0)
     results = run_bench(
-        model=model, new_tokens=6, repeats=1, out=str(tmp_path), throughput_batch=2, throughput_tokens=3
+        model=model,
+        new_tokens=6,
+        repeats=1,
+        out=str(tmp_path),
+        throughput_batch=2,
+        throughput_tokens=3,
+        long_tokens=[4],
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in (
@@ -123,8 +129,10 @@ def test_bench_reports_every_new_measure_on_a_tiny_model(caplog):
         throughput_tokens=2,
         decode_batch=2,
         count_steps=2,
-        memory_budget_gb=1,
+        memory_budget_gb=0.012,
         vision_keep_tokens=2,
+        long_tokens=[4],
+        budget_tokens=3,
         progress=False,
     )
     for key in (
@@ -157,7 +165,7 @@ def test_bench_reports_every_new_measure_on_a_tiny_model(caplog):
     assert memory["ours"]["footprint_bytes"] >= results["weight_bytes_ours"] > results["weight_bytes_stock"]
     assert any("repeats=1" in r.getMessage() for r in caplog.records)  # too few repeats for stable timings
     table = format_table(results)
-    assert "| time to first token, batch 1 |" in table and "largest batch in 1 GiB" in table
+    assert "| time to first token, batch 1 |" in table and "largest batch in 0.012 GiB" in table
     assert json.dumps(results, default=float)
 
 
@@ -185,3 +193,20 @@ def test_memory_budget_search_and_estimate():
     assert best == 30 and len(probes) < 10  # fewer probes than from batch 1
     assert estimate_largest_batch({1: 13, 8: 34}, 100) == 30
     assert estimate_largest_batch({1: 13}, 100) is None
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_dry_run(tmp_path):
+    """scripts/gpu_bench.sh --dry-run: the GPU run's script on the CPU with the tiny preset, results under $OUT."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["preset"] == "tiny" and "long32_cache_bytes_ratio" in saved and "max_batch_ours" in saved
+    assert "| long generation: cache bytes after 32 tokens |" in (tmp_path / "table.md").read_text()

@@ -1,0 +1,642 @@
+"""The measures of the bench, one function each over a `BenchContext`, each returning its flat dict of results
+(ours, stock, their ratio ours / stock and, for time ratios, the floor: the ratio if only the kept work were done).
+
+A value a measure cannot compute from the run is an `Unmeasured` (see `bench.context`). Tensor shapes: prompts are
+`[batch, prompt]`, images `[batch, 3, side, side]`; P = prompt tokens, P' = tokens kept in the sparse layers after
+prefill, L = decoder layers, l = `sparse_layer`, N = new tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from .. import sparse_flow
+from ..sparse_cache import cache_from_output
+from ..training.calibration import calibrate_output_text_bias
+from .accounting import cache_bytes, layer_flops, per_layer_flops
+from .context import WHICH, BenchContext, Unmeasured, per_step_time, ratio, timed
+from .counting import per_decode_step
+from .memory import estimate_largest_batch, footprint_bytes, peak_memory, search_largest_batch
+from .timing import _synchronize, compile_config, median_time, wall_time
+
+__all__ = [
+    "calibrate",
+    "measure_compiled",
+    "measure_decode",
+    "measure_decode_batch",
+    "measure_floors",
+    "measure_long_generation",
+    "measure_mask_builds",
+    "measure_memory_budget",
+    "measure_nocache_decode",
+    "measure_nocache_flops",
+    "measure_ops_per_step",
+    "measure_prefill_flops",
+    "measure_prefill_time",
+    "measure_throughput",
+]
+
+GiB = 2**30
+BUDGET_BATCH_LIMIT = {"cpu": 64, "cuda": 512}  # the largest batch a budget probe tries (a CPU probe is slow)
+CALIBRATION_TOKENS = (32, 128)  # the output-text calibration scores at least 32 and at most 128 generated tokens
+
+
+def calibrate(ctx: BenchContext) -> dict[str, Any]:
+    """Random weights keep all or nothing: shift the output-text predictor's last bias until the median margin is 0
+    (about half kept), on its own prompt and over at least 32 generated tokens (whatever `new_tokens` is)."""
+    low, high = CALIBRATION_TOKENS
+    tokens = min(high, max(low, ctx.settings.new_tokens))
+    rate = calibrate_output_text_bias(
+        ctx.model,
+        ctx.inputs_at(1, 1),
+        max_new_tokens=tokens,
+        seed=ctx.settings.seed,
+        min_new_tokens=tokens,
+        do_sample=True,
+        top_k=0,
+        **ctx.sparsity,
+    )
+    return {"calibration_tokens": tokens, "calibration_keep_rate": rate}
+
+
+# ---- prefill ----------------------------------------------------------------------------------------------------
+
+
+def measure_prefill_flops(ctx: BenchContext) -> dict[str, Any]:
+    """Prefill FLOPs of the LLM part (decoder layers + predictors) and of the whole model, ours vs stock, and their
+    floor: stock layers on all P tokens below l and on the P' kept tokens from l on, no predictor."""
+    model, stock, inputs = ctx.model, ctx.stock, ctx.inputs
+    config = model.config
+    layers, sparse_layer, batch = config.text_config.num_hidden_layers, config.sparse_layer, ctx.settings.batch_size
+    with torch.no_grad():
+        with per_layer_flops(model) as ours:
+            out = model(**inputs, logits_to_keep=1, **ctx.sparsity)
+        with per_layer_flops(stock) as dense:
+            stock(**inputs, logits_to_keep=1)
+    cache = cache_from_output(out)
+    kept_tokens = int(cache.kept_lengths()[-1].max())
+    vision_kept = sum(int(image.numel()) for row in cache.kept_vision_indices for image in row)
+    floor = batch * (sparse_layer * dense["layers"][0] + (layers - sparse_layer) * layer_flops(stock, kept_tokens))
+    return dict(
+        prefill_llm_flops_ours=ours["llm"],
+        prefill_llm_flops_stock=dense["llm"],
+        prefill_llm_flops_ratio=ratio(ours["llm"], dense["llm"]),
+        prefill_llm_flops_floor_ratio=ratio(floor, dense["llm"]),
+        prefill_total_flops_ours=ours["total"],
+        prefill_total_flops_stock=dense["total"],
+        prefill_total_flops_ratio=ratio(ours["total"], dense["total"]),
+        prefill_total_flops_floor_ratio=ratio(dense["total"] - dense["llm"] + floor, dense["total"]),
+        prefill_predictor_flops=ours["predictors"],
+        prefill_tokens_in_sparse_layers=kept_tokens,
+        vision_keep_rate=vision_kept / (config.image_seq_length * batch),
+        prefill_flops_by_layer={"ours": ours["layers"], "stock": dense["layers"]},
+    )
+
+
+def measure_prefill_time(ctx: BenchContext) -> dict[str, Any]:
+    """Prefill time (one forward), time to first token (a whole generate of one token), and the overhead of ours
+    with sparsity off (`SPARSITY_OFF`), each after one untimed warm-up, medians over `repeats`."""
+    repeats = ctx.settings.repeats
+
+    def prefill(which: str) -> Callable[[], Any]:
+        def run() -> None:
+            with torch.no_grad():
+                ctx.model_of(which)(**ctx.inputs, logits_to_keep=1, **ctx.kwargs_of(which))
+
+        return run
+
+    sides = ("ours", "stock", "off")
+    for which in sides:
+        prefill(which)()
+    forward = {which: timed(median_time(prefill(which), repeats)) for which in sides}
+    first = {which: ctx.gen(which, ctx.inputs, 1) for which in sides}
+    for fn in first.values():
+        fn()
+    ttft = {which: timed(median_time(fn, repeats)) for which, fn in first.items()}
+    return dict(
+        prefill_time_ours_s=forward["ours"],
+        prefill_time_stock_s=forward["stock"],
+        prefill_time_ratio=ratio(forward["ours"], forward["stock"]),
+        overhead_prefill_time_ratio=ratio(forward["off"], forward["stock"]),
+        time_to_first_token_ours_s=ttft["ours"],
+        time_to_first_token_stock_s=ttft["stock"],
+        time_to_first_token_off_s=ttft["off"],
+        time_to_first_token_ratio=ratio(ttft["ours"], ttft["stock"]),
+    )
+
+
+# ---- decoding with a cache --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tracked_forwards(model: torch.nn.Module) -> Iterator[dict[str, list]]:
+    """Per forward of `model` (the prefill, then one per decode step): the cache bytes after it and the wall clock
+    when it returned (CUDA work waited for). Yields `{"bytes": [...], "clock": [...]}`, filled as it runs."""
+    track: dict[str, list] = {"bytes": [], "clock": []}
+
+    def hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        _synchronize()
+        track["clock"].append(time.perf_counter())
+        track["bytes"].append(cache_bytes(cache_from_output(output)))
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield track
+    finally:
+        handle.remove()
+
+
+def output_text_keep(cache: Any) -> tuple[float | Unmeasured, int]:
+    """The share of generated tokens the output-text predictor kept in `cache`, and how many it scored (the last
+    generated token is never scored: it is not fed back)."""
+    decisions = torch.cat(cache.output_text_keep) if cache.output_text_keep else torch.zeros(0)
+    if not decisions.numel():
+        return Unmeasured("no generated token was scored (the first is scored at the first decode step)"), 0
+    return float(decisions.float().mean()), int(decisions.numel())
+
+
+def measure_decode(ctx: BenchContext, first_token_s: dict[str, Any]) -> dict[str, Any]:
+    """
+    `generate(N)` at the main batch: KV-cache bytes after it (ours' `stored_bytes()` vs the stock cache; floor: the
+    kept entries only, l * P + (L - l) * P' + kept generated, per row), the bytes after every token, the memory of the
+    run, the observed output-text keep rate, and decode time per token = (generate(N) - generate(1)) / (N - 1).
+
+    `first_token_s`: time to first token per side ("ours", "stock", "off"), from `measure_prefill_time`.
+    """
+    settings, n = ctx.settings, ctx.settings.new_tokens
+    results: dict[str, Any] = {"memory": {}}
+    curve, generated = {}, {}
+    for which in WHICH:
+        with tracked_forwards(ctx.model_of(which)) as track, peak_memory(ctx.device) as record:
+            generated[which] = ctx.gen(which, ctx.inputs, n)()
+        curve[which] = track["bytes"]
+        ctx.record_memory(results["memory"], f"decode_batch{settings.batch_size}", which, record)
+    ours_cache = cache_from_output(generated["ours"])
+    keep_rate, scored = output_text_keep(ours_cache)
+    layers = ctx.model.config.text_config.num_hidden_layers
+    dense_entries = layers * settings.batch_size * (ctx.prompt_tokens + n - 1)
+    memory = results["memory"][f"decode_batch{settings.batch_size}"]
+    results.update(
+        output_text_keep_rate=keep_rate,
+        output_text_scored_tokens=scored,
+        kv_bytes_ours=ours_cache.stored_bytes(),
+        kv_bytes_allocated_ours=ours_cache.allocated_bytes(),
+        kv_bytes_stock=cache_bytes(cache_from_output(generated["stock"])),
+        kv_bytes_floor_ratio=int(ours_cache.kept_lengths().sum()) / dense_entries,
+        kv_bytes_curve=curve,
+        peak_rss_ours_bytes=memory["ours"]["peak_rss_bytes"],
+        peak_rss_stock_bytes=memory["stock"]["peak_rss_bytes"],
+    )
+    if ctx.cuda:
+        results.update(
+            peak_cuda_ours_bytes=memory["ours"]["cuda_peak_bytes"],
+            peak_cuda_stock_bytes=memory["stock"]["cuda_peak_bytes"],
+        )
+    results["kv_bytes_ratio"] = ratio(results["kv_bytes_ours"], results["kv_bytes_stock"])
+    ctx.artifacts["sequence"] = generated["ours"].sequences[:1]  # `[1, prompt + N]`, for the no-cache FLOPs
+    del generated, ours_cache
+    runs = {which: ctx.gen(which, ctx.inputs, n) for which in ("ours", "stock", "off")}
+    runs["off"]()  # warm-up (ours and stock are warm from the runs above)
+    per_token = {}
+    for which, fn in runs.items():
+        first = first_token_s[which]
+        total = median_time(fn, settings.repeats)
+        per_token[which] = first if isinstance(first, Unmeasured) else per_step_time(total, first, n - 1)
+    results.update(
+        decode_time_per_token_ours_s=per_token["ours"],
+        decode_time_per_token_stock_s=per_token["stock"],
+        decode_time_per_token_ratio=ratio(per_token["ours"], per_token["stock"]),
+        overhead_decode_time_ratio=ratio(per_token["off"], per_token["stock"]),
+    )
+    return results
+
+
+def measure_decode_batch(ctx: BenchContext) -> dict[str, Any]:
+    """A second decode run over N tokens at `decode_batch` rows (ragged): time to first token, decode time per token,
+    the memory of the run."""
+    batch, n, repeats = ctx.settings.decode_batch, ctx.settings.new_tokens, ctx.settings.repeats
+    inputs = ctx.inputs_at(batch, 3)
+    key = f"batch{batch}"
+    results: dict[str, Any] = {"memory": {}}
+    for which in WHICH:
+        with peak_memory(ctx.device) as record:
+            ctx.gen(which, inputs, n)()  # warm-up, and the memory of this run
+        ctx.record_memory(results["memory"], f"decode_batch{batch}", which, record)
+        one = ctx.gen(which, inputs, 1)
+        one()
+        first = timed(median_time(one, repeats))
+        total = median_time(ctx.gen(which, inputs, n), repeats)
+        results[f"{key}_time_to_first_token_{which}_s"] = first
+        results[f"{key}_decode_time_per_token_{which}_s"] = (
+            first if isinstance(first, Unmeasured) else per_step_time(total, first, n - 1)
+        )
+    for measure in ("time_to_first_token", "decode_time_per_token"):
+        results[f"{key}_{measure}_ratio"] = ratio(
+            results[f"{key}_{measure}_ours_s"], results[f"{key}_{measure}_stock_s"]
+        )
+    return results
+
+
+def measure_ops_per_step(ctx: BenchContext) -> dict[str, Any]:
+    """Dispatched aten ops and host syncs per decode step, (generate(1 + S) - generate(1)) / S, at the main batch
+    and at `decode_batch`."""
+    settings = ctx.settings
+    results: dict[str, Any] = {"count_steps": settings.count_steps}
+    for b in sorted({settings.batch_size, settings.decode_batch or settings.batch_size}):
+        inputs = ctx.inputs_at(b, 3)
+        counts = {
+            which: per_decode_step(
+                ctx.model_of(which),
+                inputs,
+                settings.count_steps,
+                do_sample=True,
+                top_k=0,
+                seed=settings.seed,
+                **ctx.kwargs_of(which),
+            )
+            for which in WHICH
+        }
+        for which, count in counts.items():
+            results[f"batch{b}_aten_ops_per_step_{which}"] = count["ops"]
+            results[f"batch{b}_host_syncs_per_step_{which}"] = count["syncs"]
+        results[f"batch{b}_aten_ops_per_step_ratio"] = ratio(counts["ours"]["ops"], counts["stock"]["ops"])
+        results[f"batch{b}_host_syncs_per_step_extra"] = counts["ours"]["syncs"] - counts["stock"]["syncs"]
+        if counts["stock"]["syncs"]:
+            results[f"batch{b}_host_syncs_per_step_ratio"] = counts["ours"]["syncs"] / counts["stock"]["syncs"]
+    return results
+
+
+@contextlib.contextmanager
+def counted_mask_builds() -> Iterator[dict[str, int]]:
+    """Count the attention masks built: ours' `sparse_masks.attention_mask_for` (as `sparse_flow` calls it; each
+    call is one additive float mask `[batch, 1, q, keys]`) and stock's `create_causal_mask` calls that return a
+    mask (its Llama decoder builds one per forward). Yields `{"ours": n, "stock": n}`, counted as it runs."""
+    from transformers.models.llama import modeling_llama
+
+    counts = {"ours": 0, "stock": 0}
+    ours_builder, stock_builder = sparse_flow.attention_mask_for, modeling_llama.create_causal_mask
+
+    def ours(*args: Any, **kwargs: Any) -> torch.Tensor:
+        counts["ours"] += 1
+        return ours_builder(*args, **kwargs)
+
+    def stock(*args: Any, **kwargs: Any) -> Any:
+        mask = stock_builder(*args, **kwargs)
+        counts["stock"] += mask is not None
+        return mask
+
+    sparse_flow.attention_mask_for, modeling_llama.create_causal_mask = ours, stock
+    try:
+        yield counts
+    finally:
+        sparse_flow.attention_mask_for, modeling_llama.create_causal_mask = ours_builder, stock_builder
+
+
+def measure_mask_builds(ctx: BenchContext) -> dict[str, Any]:
+    """Attention masks built per decode step, (generate(1 + S) - generate(1)) / S: one shared by all the layers it
+    serves, not one per layer (`num_layers` per step would be a rebuild in every layer)."""
+    steps = max(ctx.settings.count_steps, 1)
+    per_step = {}
+    for which in WHICH:
+        built = []
+        for n in (1, 1 + steps):
+            with counted_mask_builds() as counts:
+                ctx.gen(which, ctx.inputs, n)()
+            built.append(counts[which])
+        per_step[which] = (built[1] - built[0]) / steps
+    return dict(
+        masks_per_step_ours=per_step["ours"],
+        masks_per_step_stock=per_step["stock"],
+        masks_per_step_layers=ctx.model.config.text_config.num_hidden_layers,
+        masks_per_step_method=(
+            "ours: calls of sparse_masks.attention_mask_for (float masks); stock: create_causal_mask calls that "
+            f"return a mask; per decode step over {steps} steps"
+        ),
+    )
+
+
+def measure_throughput(ctx: BenchContext) -> dict[str, Any]:
+    """Tokens/s = batch * T / time of generate(T) at each of `throughput_batches` (T = `throughput_tokens`), with
+    the memory of each run."""
+    tokens = ctx.settings.throughput_tokens
+    results: dict[str, Any] = {"memory": {}, "throughput_tokens": tokens}
+    for b in ctx.settings.throughput_batches:
+        inputs = ctx.inputs_at(b, 2)
+        for which in WHICH:
+            run = ctx.gen(which, inputs, tokens)
+            with peak_memory(ctx.device) as record:
+                run()
+            ctx.record_memory(results["memory"], f"throughput_batch{b}", which, record)
+            seconds = timed(median_time(run, ctx.settings.repeats))
+            results[f"batch{b}_tokens_per_s_{which}"] = (
+                seconds if isinstance(seconds, Unmeasured) else b * tokens / seconds
+            )
+        results[f"batch{b}_tokens_per_s_ratio"] = ratio(
+            results[f"batch{b}_tokens_per_s_ours"], results[f"batch{b}_tokens_per_s_stock"]
+        )
+    results["throughput_batches"] = list(ctx.settings.throughput_batches)
+    return results
+
+
+# ---- the floors of the time ratios ------------------------------------------------------------------------------
+
+
+def decode_step_flops(ctx: BenchContext, dense_keys: int, sparse_keys: int) -> tuple[int, int]:
+    """(kept-work, stock) FLOPs of one decode step of one row: stock layers on one query over `dense_keys` keys
+    below l and over `sparse_keys` kept keys from l on (no predictor), vs all L layers over `dense_keys`; both with
+    the LM head (2 * hidden * vocab)."""
+    text = ctx.model.config.text_config
+    layers, sparse_layer = text.num_hidden_layers, ctx.model.config.sparse_layer
+    head = 2 * text.hidden_size * text.vocab_size
+    full = layer_flops(ctx.stock, 1, keys=dense_keys)
+    kept = layer_flops(ctx.stock, 1, keys=sparse_keys)
+    return sparse_layer * full + (layers - sparse_layer) * kept + head, layers * full + head
+
+
+def floor_keep_rate(ctx: BenchContext, results: dict[str, Any]) -> float | Unmeasured:
+    """The output-text keep rate the floors assume: the observed one (1 with the predictor off)."""
+    if not ctx.model.config.sparsity_settings(**ctx.sparsity).use_output_text_predictor:
+        return 1.0
+    rate = results.get("output_text_keep_rate")
+    if rate is None:
+        return Unmeasured(results.get("missing", {}).get("output_text_keep_rate", "no output-text keep rate"))
+    return rate
+
+
+def generation_floor(ctx: BenchContext, results: dict[str, Any], steps: int) -> float | Unmeasured:
+    """The kept-work / stock FLOP ratio of a generate with `steps` decode steps after the prefill (one row): the
+    prefill at its whole-model floor, each step at the keys of the middle step (P + steps/2 dense, P' + r * steps/2
+    kept, r = `floor_keep_rate`)."""
+    if steps == 0:
+        return results["prefill_total_flops_floor_ratio"]
+    rate = floor_keep_rate(ctx, results)
+    if isinstance(rate, Unmeasured):
+        return rate
+    prefill_stock = results["prefill_total_flops_stock"] / ctx.settings.batch_size
+    prefill_floor = prefill_stock * results["prefill_total_flops_floor_ratio"]
+    kept = results["prefill_tokens_in_sparse_layers"] + int(rate * steps / 2)
+    floor, dense = decode_step_flops(ctx, ctx.prompt_tokens + steps // 2, kept)
+    return (prefill_floor + steps * floor) / (prefill_stock + steps * dense)
+
+
+def measure_floors(ctx: BenchContext, results: dict[str, Any]) -> dict[str, Any]:
+    """The floor of every time ratio: the ratio if only the kept work were done (FLOPs of the kept tokens, as the
+    FLOP floors count them). Prefill and time to first token: the whole-model prefill floor; decode time per token:
+    one step at the middle of N; tokens/s (higher is better): stock work / kept work of generate(T)."""
+    n, tokens = ctx.settings.new_tokens, ctx.settings.throughput_tokens
+    rate = floor_keep_rate(ctx, results)
+    if n < 2:
+        step: float | Unmeasured = Unmeasured("1 new token: no decode step")
+    elif isinstance(rate, Unmeasured):
+        step = rate
+    else:
+        kept = results["prefill_tokens_in_sparse_layers"] + int(rate * n / 2)
+        floor, dense = decode_step_flops(ctx, ctx.prompt_tokens + n // 2, kept)
+        step = floor / dense
+    whole = generation_floor(ctx, results, max(tokens - 1, 0))
+    return dict(
+        prefill_time_floor_ratio=results["prefill_total_flops_floor_ratio"],
+        decode_time_floor_ratio=step,
+        tokens_per_s_floor_ratio=whole if isinstance(whole, Unmeasured) else 1 / whole,
+    )
+
+
+# ---- decoding without a cache -----------------------------------------------------------------------------------
+
+
+def measure_nocache_flops(ctx: BenchContext) -> dict[str, Any]:
+    """FLOPs of the next token after N generated ones without a cache (the whole `[1, P + N]` sequence again), and
+    their floor: stock layers on all tokens below l, on the kept ones from l on."""
+    model, stock = ctx.model, ctx.stock
+    sequence, n = ctx.artifacts["sequence"], ctx.settings.new_tokens
+    real = ctx.inputs["attention_mask"][0].bool()
+    sequence = sequence[:, torch.cat([real, torch.ones(n, dtype=torch.bool, device=real.device)])]
+    pixels = ctx.inputs["pixel_values"][:1]
+    with torch.no_grad():
+        with per_layer_flops(model) as ours:
+            out = model(
+                input_ids=sequence,
+                pixel_values=pixels,
+                use_cache=False,
+                output_text_start=int(real.sum()),
+                logits_to_keep=1,
+                **ctx.sparsity,
+            )
+        with per_layer_flops(stock) as dense:
+            stock(input_ids=sequence, pixel_values=pixels, use_cache=False, logits_to_keep=1)
+    total = sequence.shape[1]
+    kept = int((out.token_indices[0] >= 0).sum()) if out.token_indices is not None else total
+    layers, sparse_layer = model.config.text_config.num_hidden_layers, model.config.sparse_layer
+    floor = sparse_layer * layer_flops(stock, total) + (layers - sparse_layer) * layer_flops(stock, kept)
+    return dict(
+        nocache_decode_flops_ours=ours["llm"],
+        nocache_decode_flops_stock=dense["llm"],
+        nocache_decode_flops_ratio=ratio(ours["llm"], dense["llm"]),
+        nocache_decode_flops_floor_ratio=ratio(floor, dense["llm"]),
+    )
+
+
+def measure_nocache_decode(ctx: BenchContext) -> dict[str, Any]:
+    """Decode time per token with `use_cache=False` (each step runs the whole sequence again): (generate(K) -
+    generate(1)) / (K - 1), K = `nocache_tokens`, at the main batch."""
+    n, repeats = ctx.settings.nocache_tokens, ctx.settings.repeats
+    per_token = {}
+    for which in WHICH:
+        one, many = (ctx.gen(which, ctx.inputs, k, use_cache=False) for k in (1, n))
+        one()
+        first = median_time(one, repeats)
+        per_token[which] = per_step_time(median_time(many, repeats), first, n - 1)
+    return dict(
+        nocache_tokens=n,
+        nocache_decode_time_per_token_ours_s=per_token["ours"],
+        nocache_decode_time_per_token_stock_s=per_token["stock"],
+        nocache_decode_time_per_token_ratio=ratio(per_token["ours"], per_token["stock"]),
+    )
+
+
+# ---- long generations -------------------------------------------------------------------------------------------
+
+
+def measure_long_generation(ctx: BenchContext) -> dict[str, Any]:
+    """
+    One generate of max(`long_tokens`) tokens per side at batch 1, each forward timed and its cache measured: at
+    each length K of `long_tokens`, decode time per token over its first K tokens ((clock after forward K - clock
+    after the prefill) / (K - 1)) and the cache bytes after K tokens, with floors (time: a step at K/2 on the kept
+    keys; bytes: the kept entries, l * (P + K) + (L - l) * (P' + r * K), over L * (P + K)). One run each (no median).
+    """
+    lengths = sorted(ctx.settings.long_tokens)
+    longest = lengths[-1]
+    inputs = ctx.inputs_at(1, 5)
+    prompt = int(inputs["input_ids"].shape[1])
+    results: dict[str, Any] = {"memory": {}, "long_tokens": lengths}
+    tracks, kept = {}, None
+    for which in WHICH:
+        ctx.gen(which, inputs, 2)()  # warm-up
+        with tracked_forwards(ctx.model_of(which)) as track, peak_memory(ctx.device) as record:
+            out = ctx.gen(which, inputs, longest)()
+        tracks[which] = track
+        ctx.record_memory(results["memory"], f"long_generation_{longest}", which, record)
+        if which == "ours":
+            cache = cache_from_output(out)
+            keep_rate, _ = output_text_keep(cache)
+            prefill_kept = int(cache.kept_lengths()[-1, 0]) - (longest - 1) * (
+                0 if isinstance(keep_rate, Unmeasured) else keep_rate
+            )
+            kept = (int(round(prefill_kept)), keep_rate)
+        del out
+    text = ctx.model.config.text_config
+    layers, sparse_layer = text.num_hidden_layers, ctx.model.config.sparse_layer
+    for k in lengths:
+        times = {
+            which: per_step_time(tracks[which]["clock"][k - 1], tracks[which]["clock"][0], k - 1) for which in WHICH
+        }
+        for which in WHICH:
+            results[f"long{k}_decode_time_per_token_{which}_s"] = times[which]
+            results[f"long{k}_cache_bytes_{which}"] = tracks[which]["bytes"][k - 1]
+        results[f"long{k}_decode_time_per_token_ratio"] = ratio(times["ours"], times["stock"])
+        results[f"long{k}_cache_bytes_ratio"] = ratio(
+            results[f"long{k}_cache_bytes_ours"], results[f"long{k}_cache_bytes_stock"]
+        )
+        prefill_kept, keep_rate = kept
+        if isinstance(keep_rate, Unmeasured):
+            results[f"long{k}_cache_bytes_floor_ratio"] = results[f"long{k}_decode_time_floor_ratio"] = keep_rate
+            continue
+        sparse_entries = prefill_kept + keep_rate * (k - 1)
+        dense_entries = prompt + k - 1
+        results[f"long{k}_cache_bytes_floor_ratio"] = (
+            sparse_layer * dense_entries + (layers - sparse_layer) * sparse_entries
+        ) / (layers * dense_entries)
+        floor, dense = decode_step_flops(ctx, prompt + k // 2, prefill_kept + int(keep_rate * k / 2))
+        results[f"long{k}_decode_time_floor_ratio"] = floor / dense
+    results["long_generation_keep_rate"] = kept[1]
+    results["long_generation_curve"] = {which: tracks[which]["bytes"] for which in WHICH}
+    return results
+
+
+# ---- compiled ---------------------------------------------------------------------------------------------------
+
+
+def measure_compiled(ctx: BenchContext) -> dict[str, Any]:
+    """Ours (DynamicLlavaStaticCache) and stock (StaticCache), both compiled by generate(): time to first token and
+    decode time per token at the main batch over N, tokens/s at `compile_batches`; compile wall time (cold run minus
+    steady), graphs and graph breaks. A side that does not compile is reported under `compiled_errors`."""
+    from torch._dynamo.utils import counters
+
+    settings = ctx.settings
+    config = compile_config(ctx.device, settings.compile_mode)
+    static = dict(cache_implementation="static", compile_config=config)
+    results: dict[str, Any] = {"compiled_mode": config.mode, "compiled_errors": {}, "memory": {}}
+
+    def cold_run(run: Callable[[], Any], name: str, which: str) -> float:
+        """The cold run's wall time (it compiles for this batch and cache length). Memory: on CUDA of the cold run
+        (a CUDA-graph pool is allocated there); elsewhere of a further, steady run (compiling takes memory)."""
+        with peak_memory(ctx.device) if ctx.cuda else nullcontext({}) as record:
+            _, cold = wall_time(run)
+        if not ctx.cuda:
+            with peak_memory(ctx.device) as record:
+                run()
+        ctx.record_memory(results["memory"], name, which, record)
+        return cold
+
+    for which in WHICH:
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            compile_wall = 0.0
+            first = ctx.gen(which, ctx.inputs, settings.new_tokens, **static)
+            cold = cold_run(first, f"compiled_decode_batch{settings.batch_size}", which)
+            one = ctx.gen(which, ctx.inputs, 1, **static)
+            one()
+            t1, tn = median_time(one, settings.repeats), median_time(first, settings.repeats)
+            compile_wall += max(cold - tn, 0.0)
+            results[f"compiled_time_to_first_token_{which}_s"] = timed(t1)
+            results[f"compiled_decode_time_per_token_{which}_s"] = per_step_time(tn, t1, settings.new_tokens - 1)
+            for b in settings.compile_batches:
+                run = ctx.gen(which, ctx.inputs_at(b, 2), settings.throughput_tokens, **static)
+                cold = cold_run(run, f"compiled_throughput_batch{b}", which)
+                steady = median_time(run, settings.repeats)
+                compile_wall += max(cold - steady, 0.0)
+                results[f"compiled_batch{b}_tokens_per_s_{which}"] = b * settings.throughput_tokens / steady
+            results[f"compiled_compile_wall_{which}_s"] = compile_wall
+            results[f"compiled_unique_graphs_{which}"] = int(counters["stats"]["unique_graphs"])
+            results[f"compiled_graph_breaks_{which}"] = int(sum(counters["graph_break"].values()))
+        except Exception as error:  # a model that does not compile here: reported, the rest of the bench goes on
+            results["compiled_errors"][which] = repr(error)[:2000]
+        finally:
+            torch._dynamo.reset()
+    for key in ("compiled_time_to_first_token", "compiled_decode_time_per_token"):
+        if f"{key}_ours_s" in results and f"{key}_stock_s" in results:
+            results[f"{key}_ratio"] = ratio(results[f"{key}_ours_s"], results[f"{key}_stock_s"])
+    for b in settings.compile_batches:
+        key = f"compiled_batch{b}_tokens_per_s"
+        if f"{key}_ours" in results and f"{key}_stock" in results:
+            results[f"{key}_ratio"] = ratio(results[f"{key}_ours"], results[f"{key}_stock"])
+    results["compile_batches"] = list(settings.compile_batches)
+    return results
+
+
+# ---- the largest batch in a memory budget -----------------------------------------------------------------------
+
+
+def measure_memory_budget(ctx: BenchContext, results: dict[str, Any]) -> dict[str, Any]:
+    """
+    The largest batch whose footprint (own weights + the growth of the peak during a generate of `budget_tokens`
+    tokens: CUDA's allocator peak, on the CPU the peak RSS) fits `memory_budget_gb` GiB, ours and stock: each probe a
+    real generate (an out-of-memory probe does not fit), doubling from the line through the decode runs'
+    footprints, then bisection (`search_largest_batch`). Then tokens/s of generate(T) at each model's own largest
+    batch, and their ratio.
+    """
+    settings = ctx.settings
+    budget, tokens = int(settings.memory_budget_gb * GiB), settings.budget_tokens
+    out: dict[str, Any] = {"memory_budget_gb": settings.memory_budget_gb, "memory_budget_new_tokens": tokens}
+    peak = "max_memory_allocated" if ctx.cuda else "peak RSS (VmHWM, reset per probe)"
+    out["memory_budget_method"] = (
+        f"bisection with real allocation: each probe a generate of {tokens} new tokens, footprint = own weights + "
+        f"growth of the {peak} over the run's start; doubling from a linear estimate, then bisection"
+    )
+    limit = BUDGET_BATCH_LIMIT["cuda" if ctx.cuda else "cpu"]
+    out["memory_budget_batch_limit"] = limit
+    probes = {}
+    for which in WHICH:
+
+        def footprint(b: int, which: str = which) -> int | None:
+            try:
+                with peak_memory(ctx.device) as record:
+                    ctx.gen(which, ctx.inputs_at(b, 4), tokens)()
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                return None
+            return footprint_bytes(record, ctx.weights[which])
+
+        measured = {
+            int(run.removeprefix("decode_batch")): sides[which]["footprint_bytes"]
+            for run, sides in results.get("memory", {}).items()
+            if run.startswith("decode_batch") and sides.get(which, {}).get("footprint_bytes")
+        }
+        start = estimate_largest_batch(measured, budget) or 1
+        out[f"max_batch_{which}"], probes[which] = search_largest_batch(
+            footprint, budget, start=min(max(start, 1), limit), limit=limit
+        )
+    out["memory_budget_probes"] = probes
+    out["max_batch_ratio"] = ratio(out["max_batch_ours"], out["max_batch_stock"] or None)
+    for which in WHICH:
+        b = out[f"max_batch_{which}"]
+        if not b:
+            out[f"max_batch_tokens_per_s_{which}"] = Unmeasured(
+                f"not even batch 1 fits {settings.memory_budget_gb} GiB"
+            )
+            continue
+        run = ctx.gen(which, ctx.inputs_at(b, 2), settings.throughput_tokens)
+        run()
+        seconds = timed(median_time(run, settings.repeats))
+        out[f"max_batch_tokens_per_s_{which}"] = (
+            seconds if isinstance(seconds, Unmeasured) else b * settings.throughput_tokens / seconds
+        )
+    out["max_batch_tokens_per_s_ratio"] = ratio(out["max_batch_tokens_per_s_ours"], out["max_batch_tokens_per_s_stock"])
+    return out
