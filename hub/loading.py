@@ -89,7 +89,8 @@ def check_model_folder(folder: str | os.PathLike, name: str | os.PathLike | None
     if model_type not in dynamic_types:
         stock = {base.stock_model_type for base in BASES.values()}
         hint = (
-            f" It is a stock {model_type} model: `dynamic-llava init --base {name} --out DIR` makes a Dynamic one."
+            f" A stock {model_type} model: `dynamic-llava init --base {name} --out DIR` makes a Dynamic one (an "
+            "original Dynamic-LLaVA checkpoint is converted with `dynamic-llava convert`)."
             if model_type in stock
             else " An original Dynamic-LLaVA checkpoint is converted with `dynamic-llava convert`."
         )
