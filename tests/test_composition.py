@@ -171,6 +171,16 @@ def test_per_call_fields_on_a_generation_config_are_honoured_with_keyword_preced
     both = GenerationConfig(max_new_tokens=3, vision_keep_rate=0.5)
     with pytest.raises(ValueError, match="were both given"):
         model.generate(**inputs, generation_config=both, vision_keep_tokens=4, vision_keep_rate=0.5)
+    # the keep budget is one setting: a keyword count replaces a config's rate (and a keyword rate a config's
+    # count); a keyword that turns the vision predictor off drops a config's budget
+    assert kept(
+        model.generate(**inputs, generation_config=both, vision_keep_tokens=4, return_dict_in_generate=True)
+    ) == [4]
+    model.generation_config.vision_keep_tokens = 6
+    assert kept(model.generate(**inputs, max_new_tokens=3, vision_keep_rate=0.5, return_dict_in_generate=True)) == [8]
+    model.generation_config.vision_keep_tokens = None
+    off = model.generate(**inputs, generation_config=both, use_vision_predictor=False, return_dict_in_generate=True)
+    assert kept(off) == [16]
     # a turn's budget from its config, another turn's from a keyword (through the same cache)
     chat = Conversation(calibrated_model, rows, images)
     chat.turn(None, 4, generation_config=GenerationConfig(vision_keep_tokens=2), **GREEDY)

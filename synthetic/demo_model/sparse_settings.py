@@ -19,6 +19,7 @@ from typing import Any, TypedDict
 
 __all__ = [
     "APPLIES_ONLY_WITH",
+    "FIELD_GROUPS",
     "FIELD_HELP",
     "PER_CALL_FIELDS",
     "SPARSITY_OFF",
@@ -233,21 +234,43 @@ class SparsitySettings:
         return count
 
 
+# fields that answer one question together: the first source that sets any of them sets the group (a per-call
+# `vision_keep_tokens` replaces a `GenerationConfig`'s `vision_keep_rate`; both in one source are refused)
+FIELD_GROUPS: tuple[tuple[str, ...], ...] = (("vision_keep_tokens", "vision_keep_rate"),)
+
+
 def per_call_overrides(*sources: Mapping[str, Any] | Any | None) -> dict[str, Any]:
     """
     The per-call fields of the first source that sets each (None = not set), in precedence order: e.g.
     `per_call_overrides(kwargs, generation_config, model.generation_config)`. A source is a mapping or an object
-    whose attributes are read (a `GenerationConfig`).
+    whose attributes are read (a `GenerationConfig`). A group of `FIELD_GROUPS` comes whole from the first source
+    that sets any of its fields; a field of `APPLIES_ONLY_WITH` from a later source than its decision turned off is
+    dropped (a per-call `use_vision_predictor=False` turns off a generation config's keep rate).
     """
+
+    def read(source: Any, field: str) -> Any:
+        if source is None:
+            return None
+        return source.get(field) if isinstance(source, Mapping) else getattr(source, field, None)
+
     found: dict[str, Any] = {}
+    origin: dict[str, int] = {}
+    grouped = {field: group for group in FIELD_GROUPS for field in group}
     for field in PER_CALL_FIELDS:
-        for source in sources:
-            if source is None:
-                continue
-            value = source.get(field) if isinstance(source, Mapping) else getattr(source, field, None)
-            if value is not None:
-                found[field] = value
+        if field in origin:
+            continue
+        members = grouped.get(field, (field,))
+        for index, source in enumerate(sources):
+            values = {member: read(source, member) for member in members}
+            if any(value is not None for value in values.values()):
+                for member, value in values.items():
+                    origin[member] = index
+                    if value is not None:
+                        found[member] = value
                 break
+    for field, decision in APPLIES_ONLY_WITH.items():
+        if field in found and found.get(decision) is False and origin[field] > origin[decision]:
+            del found[field]
     return found
 
 
