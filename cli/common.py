@@ -166,7 +166,7 @@ def check_generation_flags(args: argparse.Namespace) -> None:
     check_device("--device", args.device_map, allow_maps=True)
     flag = quantization_flag(args)
     if flag and not installed("bitsandbytes"):
-        raise UsageError(f'{flag} needs bitsandbytes, which is not installed: pip install "dynamic-llava[quant]"')
+        raise UsageError(f'{flag} needs bitsandbytes, which is not installed: pip install -e ".[quant]"')
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -162,12 +162,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16 or bfloat16")
     quant = model.add_mutually_exclusive_group()
-    quant.add_argument(
-        "--load-in-4bit", action="store_true", help='bitsandbytes 4-bit (pip install "dynamic-llava[quant]")'
-    )
-    quant.add_argument(
-        "--load-in-8bit", action="store_true", help='bitsandbytes 8-bit (pip install "dynamic-llava[quant]")'
-    )
+    quant.add_argument("--load-in-4bit", action="store_true", help='bitsandbytes 4-bit (pip install -e ".[quant]")')
+    quant.add_argument("--load-in-8bit", action="store_true", help='bitsandbytes 8-bit (pip install -e ".[quant]")')
 
 
 def add_prompt_flags(

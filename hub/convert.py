@@ -315,7 +315,7 @@ def prepare_tokenizer(folder: Path | None) -> PreTrainedTokenizerBase | None:
     except (ImportError, ValueError) as error:
         raise ConversionError(
             f"could not load the tokenizer in {folder}: {error}. A SentencePiece-only tokenizer needs "
-            "`pip install sentencepiece protobuf` (or `pip install dynamic-llava[convert]`)."
+            '`pip install sentencepiece protobuf` (or `pip install -e ".[convert]"` in a clone).'
         ) from error
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     if tokenizer.pad_token is None:

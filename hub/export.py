@@ -70,7 +70,11 @@ def export_model(
     (`hub.model_card.write_model_card`). `state_dict`: the weights to write instead of `model.state_dict()` (the
     full state dict gathered from a sharded model, e.g. after FSDP training).
     """
+    source_card = None
     if isinstance(model, (str, Path)):
+        card = Path(model) / "README.md"
+        if card.is_file() and about is None and results is None:
+            source_card = card.read_text()  # (the source's own description and results are kept)
         model, loaded_processor = load_local(str(model), dtype=dtype)
         processor = processor or loaded_processor
     config = copy.deepcopy(model.config)
@@ -98,4 +102,6 @@ def export_model(
             about=about,
             results=results,
         )
+        if source_card is not None:
+            (tmp / "README.md").write_text(source_card)
     return Path(out)

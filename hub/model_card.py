@@ -121,11 +121,11 @@ pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
 print(pipe(text=messages, max_new_tokens=64))
 ```
 
-Serve it behind an OpenAI-compatible endpoint (transformers' own server, with this model registered; `pip install
-"dynamic-llava[serve]"`): `dynamic-llava serve {repo_id}`. Evaluate it with lmms-eval (`pip install
-"dynamic-llava[eval]"`, then `pip install --no-deps lmms-eval==0.7.3`; with a CUDA torch, a plain `pip install
-lmms-eval==0.7.3` beside the matching torchvision): `lmms-eval --model dynamic_llava --model_args
-pretrained={repo_id},vision_keep_tokens=128 --tasks ...`.
+Serve it behind an OpenAI-compatible endpoint (transformers' own server, with this model registered; in a clone
+of the dynamic-llava repository, `pip install -e ".[serve]"`): `dynamic-llava serve {repo_id}`. Evaluate it with
+lmms-eval (`pip install -e ".[eval]"` there, then `pip install --no-deps lmms-eval==0.7.3`; with a CUDA torch, a
+plain `pip install lmms-eval==0.7.3` beside the matching torchvision): `lmms-eval --model dynamic_llava --model_args
+pretrained={repo_id},vision_keep_rate=0.25 --tasks ...`.
 
 ## Sparsity settings
 

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve a Dynamic-LLaVA model with transformers' OpenAI-compatible server: POST /v1/chat/completions "
             "(images as image_url parts: data: URLs or http(s) URLs; stream true or false), GET /v1/models, "
-            'GET /health. Flags as `transformers serve`. Needs `pip install "dynamic-llava[serve]"`.'
+            'GET /health. Flags as `transformers serve`. Needs `pip install -e ".[serve]"`.'
         ),
     )
     parser.add_argument("model", help="Dynamic-LLaVA folder or Hub id (owner/name[@revision]); every request uses it")
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [pip for module, pip in SERVE_MODULES.items() if importlib.util.find_spec(module) is None]
     if missing:
         return _fail(
-            f"{PROG}: error: the serving dependencies are missing ({', '.join(missing)}): "
-            'pip install "dynamic-llava[serve]"'
+            f'{PROG}: error: the serving dependencies are missing ({", ".join(missing)}): pip install -e ".[serve]"'
         )
 
     from . import server

@@ -259,7 +259,7 @@ def test_bench_refuses_cuda_on_a_cpu_only_torch(capsys, cpu_only_torch):
 def test_quantization_without_bitsandbytes_names_the_extra(capsys, monkeypatch, flag, command):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     argv = [command, flag] + (["--prompt", "What colour is the object?"] if command == "generate" else [])
-    assert_fails(capsys, argv, f"{flag} needs bitsandbytes", 'pip install "dynamic-llava[quant]"')
+    assert_fails(capsys, argv, f"{flag} needs bitsandbytes", 'pip install -e ".[quant]"')
 
 
 def test_a_prompt_longer_than_the_positions_is_refused_and_unknown_words_warned(tmp_path, capsys):
@@ -665,3 +665,28 @@ def test_serve_passes_every_argument_to_the_server(capsys, monkeypatch):
 def test_serve_help_exits_0(capsys):
     assert run(["serve", "--help"]) == 0
     assert "usage" in capsys.readouterr().out.lower()
+
+
+# ---- export ---------------------------------------------------------------------------------------------------------
+
+
+def test_export_names_the_demo_model_by_default_and_keeps_its_card(tmp_path, capsys):
+    from dynamic_llava.package_data import DEMO_MODEL
+
+    assert main(["export", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "README.md").read_text() == (DEMO_MODEL / "README.md").read_text()
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    capsys.readouterr()
+
+
+def test_export_refuses_a_non_empty_output_folder_before_loading(tmp_path, capsys, monkeypatch):
+    import dynamic_llava.hub.loading as loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(loading, "model_folder", never)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert_fails(capsys, ["export", str(tmp_path / "out")], "exists and is not empty", "--overwrite")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"

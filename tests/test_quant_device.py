@@ -106,7 +106,7 @@ bnb = importlib.util.find_spec("bitsandbytes") is not None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not bnb, reason="bitsandbytes is not installed (pip install dynamic-llava[quant])")
+@pytest.mark.skipif(not bnb, reason='bitsandbytes is not installed (pip install -e ".[quant]")')
 @pytest.mark.parametrize("mode", ["8bit", "nf4", "fp4"])
 def test_bitsandbytes(saved, mode):
     from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
