@@ -244,6 +244,72 @@ def run_bench(
     cuda = model.device.type == "cuda"
     sparsity = {field: value for field, value in sparsity.items() if value is not None}
     settings = model.config.sparsity_settings(**sparsity)  # checked before anything runs
+    bench = _bench_settings(
+        cuda, batch_size, new_tokens, repeats, seed, ragged, throughput_tokens, throughput_batch, throughput_batches,
+        decode_batch, compiled, compile_batches, compile_mode, memory_budget_gb, budget_tokens, count_steps,
+        long_tokens, nocache_tokens,
+    )  # fmt: skip
+    model.generation_config.eos_token_id = None  # same work for both models: exactly N new tokens
+    model.generation_config.pad_token_id = 0
+    ctx = BenchContext(
+        model=model,
+        stock=stock_llava(model),
+        inputs=bench_inputs(model, batch_size, seed, ragged=ragged),
+        settings=bench,
+        device=device,
+        sparsity=sparsity,
+    )
+    text = model.config.text_config
+    logger.info(
+        f"[bench] model: {text.num_hidden_layers} layers, hidden {text.hidden_size}, {model.config.image_seq_length} "
+        f"image tokens, prompt {ctx.prompt_tokens} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on "
+        f"{device}"
+    )
+    results = _header(ctx, preset, dtype, sparsity)
+    plan = _plan(ctx, settings.use_output_text_predictor)
+    phase = _Phases([name for name, _ in plan], progress)
+    try:
+        for name, step in plan:
+            with phase(name):
+                merge(results, step(results))
+    finally:
+        phase.close()
+    merge(results, footprint_ratios(results["memory"]))
+    if out:
+        results["plots"] = write_outputs(results, Path(out))
+    return results
+
+
+def _header(ctx: BenchContext, preset: str, dtype: str, sparsity: dict[str, Any]) -> dict[str, Any]:
+    """What the run measured on: machine, versions, model shape, settings (the results' first entries)."""
+    text = ctx.model.config.text_config
+    return {
+        "machine": platform_summary(ctx.device),
+        "transformers": transformers.__version__,
+        "preset": preset,
+        "batch_size": ctx.settings.batch_size,
+        "new_tokens": ctx.settings.new_tokens,
+        "dtype": dtype,
+        "repeats": ctx.settings.repeats,
+        "ragged_rows": ctx.settings.ragged,
+        "sparsity": sparsity,
+        "prompt_tokens": ctx.prompt_tokens,
+        "num_layers": text.num_hidden_layers,
+        "sparse_layer": ctx.model.config.sparse_layer,
+        "weight_bytes_ours": ctx.weights["ours"],
+        "weight_bytes_stock": ctx.weights["stock"],
+        "memory": {},
+        "missing": {},
+    }
+
+
+def _bench_settings(cuda: bool, batch_size: int, new_tokens: int, repeats: int, seed: int, ragged: bool,
+                    throughput_tokens: int, throughput_batch: int, throughput_batches: Sequence[int] | None,
+                    decode_batch: int | None, compiled: bool | None, compile_batches: Sequence[int] | None,
+                    compile_mode: str | None, memory_budget_gb: float | None, budget_tokens: int | None,
+                    count_steps: int, long_tokens: Sequence[int] | None,
+                    nocache_tokens: int) -> BenchSettings:  # fmt: skip
+    """`run_bench`'s arguments as the run's settings, defaults resolved (by device where they depend on it)."""
     if throughput_batches is None:
         throughput_batches = sorted({1, throughput_batch, *THROUGHPUT_BATCHES[2:]})
     long_tokens = LONG_TOKENS["cuda" if cuda else "cpu"] if long_tokens is None else long_tokens
@@ -267,52 +333,7 @@ def run_bench(
         long_tokens=sorted({int(k) for k in long_tokens if int(k) >= 2}),
         nocache_tokens=nocache_tokens,
     )
-    model.generation_config.eos_token_id = None  # same work for both models: exactly N new tokens
-    model.generation_config.pad_token_id = 0
-    ctx = BenchContext(
-        model=model,
-        stock=stock_llava(model),
-        inputs=bench_inputs(model, batch_size, seed, ragged=ragged),
-        settings=bench,
-        device=device,
-        sparsity=sparsity,
-    )
-    text = model.config.text_config
-    logger.info(
-        f"[bench] model: {text.num_hidden_layers} layers, hidden {text.hidden_size}, {model.config.image_seq_length} "
-        f"image tokens, prompt {ctx.prompt_tokens} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on "
-        f"{device}"
-    )
-    results: dict[str, Any] = {
-        "machine": platform_summary(device),
-        "transformers": transformers.__version__,
-        "preset": preset,
-        "batch_size": batch_size,
-        "new_tokens": new_tokens,
-        "dtype": dtype,
-        "repeats": repeats,
-        "ragged_rows": ragged,
-        "sparsity": sparsity,
-        "prompt_tokens": ctx.prompt_tokens,
-        "num_layers": text.num_hidden_layers,
-        "sparse_layer": model.config.sparse_layer,
-        "weight_bytes_ours": ctx.weights["ours"],
-        "weight_bytes_stock": ctx.weights["stock"],
-        "memory": {},
-        "missing": {},
-    }
-    plan = _plan(ctx, settings.use_output_text_predictor)
-    phase = _Phases([name for name, _ in plan], progress)
-    try:
-        for name, step in plan:
-            with phase(name):
-                merge(results, step(results))
-    finally:
-        phase.close()
-    merge(results, footprint_ratios(results["memory"]))
-    if out:
-        results["plots"] = write_outputs(results, Path(out))
-    return results
+    return bench
 
 
 def _plan(ctx: BenchContext, calibrate: bool) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
@@ -470,6 +491,15 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | Non
             _seconds,
         )
     )
+    return rows + _later_rows(results)
+
+
+def _later_rows(
+    results: dict[str, Any],
+) -> list[tuple[str, str, str | None, str | None, Callable[[float], str] | None]]:
+    """`_rows` of the long generations, the compiled runs and the memory measures."""
+    b = results.get("batch_size", 1)
+    rows: list = []
     for n in results.get("long_tokens", []):
         rows += [
             (

@@ -38,11 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic.train import train_synthetic
+    from ..hub.export import export_model
+    from ..synthetic.train import SYNTHETIC_ABOUT, train_synthetic
 
     common.check_out_folder("--out", args.out)
-    folder = train_synthetic(
-        args.out,
+    model, processor = train_synthetic(
         vision_steps=args.vision_steps,
         dense_steps=args.dense_steps,
         sparse_steps=args.sparse_steps,
@@ -50,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         calibration_samples=args.calibration_samples,
     )
+    folder = export_model(model, args.out, processor=processor, overwrite=True, about=SYNTHETIC_ABOUT)
     print(f"trained model written to {folder}")
     return 0

@@ -16,7 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.utils import logging
@@ -362,16 +362,7 @@ def convert_original_checkpoint(
     tower_dir, tower_config = load_tower(vision_tower or original["mm_vision_tower"], source, allow_pickle)
     logger.info(f"[convert] source {source}; vision tower {tower_dir}")
 
-    tok_dir = Path(tokenizer).expanduser() if tokenizer and Path(tokenizer).expanduser().exists() else None
-    if tokenizer and tok_dir is None:
-        tok_dir = resolve_source(tokenizer, allow_patterns=list(TOKENIZER_FILES) + ["*.txt", "*.json"])
-    if tok_dir is None and has_tokenizer(source):
-        tok_dir = source
-    tok = prepare_tokenizer(tok_dir)
-    if tok is None:
-        logger.warning(
-            "[convert] no tokenizer files in the source (pass --tokenizer to add one): converting the model only"
-        )
+    tok = _source_tokenizer(tokenizer, source)
 
     old_vocab = int(original["vocab_size"])
     image_token_id = old_vocab if tok is None else tok.convert_tokens_to_ids("<image>")
@@ -421,16 +412,7 @@ def convert_original_checkpoint(
             if not key.startswith("vision_model."):
                 continue  # text tower and projections of a full CLIPModel
             emit("model.vision_tower." + key, load().to(target_dtype or first_dtype or torch.float32))
-        missing = sorted(set(expected) - written)
-        problems = []
-        if unmapped:
-            problems.append(f"unexpected keys (no mapping): {sorted(unmapped)}")
-        if missing:
-            problems.append(f"missing keys: {missing}")
-        if wrong_shape:
-            problems.append(f"shape mismatches: {wrong_shape}")
-        if problems:
-            raise ConversionError("the checkpoint does not match the config; " + "; ".join(problems))
+        _check_written(sorted(set(expected) - written), unmapped, wrong_shape)
         writer.finish()
 
         set_dtype_field(config, target_dtype or first_dtype)
@@ -451,6 +433,34 @@ def convert_original_checkpoint(
         HfApi().upload_folder(folder_path=str(out), repo_id=push_to_hub)
         logger.info(f"[convert] pushed to https://huggingface.co/{push_to_hub}")
     return Path(out)
+
+
+def _source_tokenizer(tokenizer: str | None, source: Path) -> Any:
+    """The tokenizer to convert: `--tokenizer` (a folder or Hub id), else the source's own files, else None."""
+    tok_dir = Path(tokenizer).expanduser() if tokenizer and Path(tokenizer).expanduser().exists() else None
+    if tokenizer and tok_dir is None:
+        tok_dir = resolve_source(tokenizer, allow_patterns=list(TOKENIZER_FILES) + ["*.txt", "*.json"])
+    if tok_dir is None and has_tokenizer(source):
+        tok_dir = source
+    tok = prepare_tokenizer(tok_dir)
+    if tok is None:
+        logger.warning(
+            "[convert] no tokenizer files in the source (pass --tokenizer to add one): converting the model only"
+        )
+    return tok
+
+
+def _check_written(missing: list[str], unmapped: list[str], wrong_shape: list[str]) -> None:
+    """Every expected key written once with its shape, and no key left without a mapping; else one clear error."""
+    problems = []
+    if unmapped:
+        problems.append(f"unexpected keys (no mapping): {sorted(unmapped)}")
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if wrong_shape:
+        problems.append(f"shape mismatches: {wrong_shape}")
+    if problems:
+        raise ConversionError("the checkpoint does not match the config; " + "; ".join(problems))
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

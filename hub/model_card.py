@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..configuration_dynamic_llava import DynamicLlavaConfig
@@ -36,6 +36,23 @@ for the authors' released 7B/13B checkpoints and do not describe it. Measure it 
 with lmms-eval (`lmms-eval --model dynamic_llava --model_args pretrained=<this folder>`)."""
 
 
+def _kept_per_image(config: Any) -> str:
+    """How many image tokens the config keeps, in words (a fixed count per image, or a share of each image's)."""
+    tokens = getattr(config, "tokens_per_image", None) or getattr(config, "image_seq_length", None)
+    if tokens:
+        return f"{config.vision_keep_tokens or int(tokens * config.vision_keep_rate)} of {tokens} kept per image"
+    return f"{config.vision_keep_tokens or config.vision_keep_rate} of each image's tokens kept"
+
+
+def _front_matter(base_model: str | None) -> list[str]:
+    """The card's Hub metadata lines (YAML between `---`)."""
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    tags = ["dynamic-llava", "llava", "token-pruning", "kv-cache-compression", "custom_code"]
+    return front + ["tags:"] + [f"  - {tag}" for tag in tags] + ["---", ""]
+
+
 def write_model_card(
     folder: str | os.PathLike,
     config: DynamicLlavaConfig,
@@ -56,24 +73,8 @@ def write_model_card(
             says that none were recorded.
     """
     folder = Path(folder)
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    front += [
-        "tags:",
-        "  - dynamic-llava",
-        "  - llava",
-        "  - token-pruning",
-        "  - kv-cache-compression",
-        "  - custom_code",
-        "---",
-        "",
-    ]
-    tokens = getattr(config, "tokens_per_image", None) or getattr(config, "image_seq_length", None)
-    if tokens:
-        kept = f"{config.vision_keep_tokens or int(tokens * config.vision_keep_rate)} of {tokens} kept per image"
-    else:  # (a base whose images have their own token counts)
-        kept = f"{config.vision_keep_tokens or config.vision_keep_rate} of each image's tokens kept"
+    front = _front_matter(base_model)
+    kept = _kept_per_image(config)
     converted = base_model in RELEASED_CHECKPOINTS
     if about is None:
         about = (

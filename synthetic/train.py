@@ -239,7 +239,6 @@ model."""
 
 
 def train_synthetic(
-    out: str | os.PathLike,
     vision_steps: int = 4000,
     dense_steps: int = 3000,
     sparse_steps: int = 2000,
@@ -247,9 +246,10 @@ def train_synthetic(
     seed: int = 0,
     calibration_samples: int = 100,
 ) -> Path:
-    """Train from scratch (seeded, reproducible on one machine) and export a Hub-ready folder to `out`."""
-    from ..hub.export import export_model
-
+    """
+    Train from scratch (seeded, reproducible on one machine). Returns `(model, processor)` in eval mode;
+    `dynamic-llava train-synthetic` exports them (`hub.export.export_model`, with `SYNTHETIC_ABOUT` on the card).
+    """
     torch.manual_seed(seed)
     processor = synthetic_processor()
     config = synthetic_config(processor.tokenizer)
@@ -312,7 +312,7 @@ def train_synthetic(
         f"[calibrate] output-text keep rate {keep:.3f} on {calibration_samples} training-stream prompts "
         f"(target {config.output_text_keep_rate}) ({time.time() - start:.0f}s)"
     )
-    return export_model(model, out, processor=processor, overwrite=True, about=SYNTHETIC_ABOUT)
+    return model, processor
 
 
 def calibrate_output_text_threshold(

@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "chat",
     "evaluate",
     "convert",
+    "init",
     "bench",
     "train",
     "train-synthetic",

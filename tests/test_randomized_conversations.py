@@ -130,11 +130,13 @@ def test_random_conversations_keep_every_property(calibrated_model, case):
             eos = int(said[min(1, said.numel() - 1)])
         kwargs, stop_after = turn_kwargs(turn, rng, len(case["rows"]), eos)
         if turn["hide"]:  # a past column of each row that did not stop early: one of its own tokens so far
-            for row, side in enumerate(ours.alone):
-                index = rng.randrange(1, side.ids.shape[1])
-                if ours.stopped_early[row]:
+            # (their histories may differ in length: each says EOS on its own; stock runs only where it can)
+            chats = (ours, off_chat, stock_chat) if compare_stock else (ours, off_chat)
+            for row in range(len(case["rows"])):
+                index = rng.randrange(1, min(chat.alone[row].ids.shape[1] for chat in chats))
+                if any(chat.stopped_early[row] for chat in chats):
                     continue
-                for chat in (ours, off_chat, stock_chat):
+                for chat in chats:
                     chat.hide(row, index)
         budget = turn["budget"]
         if turn["via_config"] and budget:

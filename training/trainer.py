@@ -109,7 +109,9 @@ def train(
     dataset = LlavaConversationDataset(data, images, processor, model.config.image_seq_length, max_length)
     out = Path(out)
     checkpoints = out / "checkpoints"
-    args = TrainingArguments(
+    import transformers  # (looked up at call time: a caller may subclass or wrap TrainingArguments)
+
+    args = transformers.TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=epochs,
         max_steps=max_steps,
