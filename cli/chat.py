@@ -75,9 +75,14 @@ class Chat:
         common.warn_unknown_words(tokenizer, text, self.folder)
         cached = 0 if self.cache is None else self.cache.get_seq_length()
         ids = ids.to(model.device)
-        pixel_values = common.to_model(inputs, model).get("pixel_values")
+        # the image inputs of this turn, whatever the base's processor names them (pixel_values, image_sizes,
+        # image_grid_thw, ...); the text side is the conversation's `ids`
+        text_side = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+        image_inputs = {k: v for k, v in common.to_model(inputs, model).items() if k not in text_side}
+        if image_inputs.get("pixel_values") is None:
+            image_inputs = {}
         try:
-            out = self._generate(ids, cached, pixel_values, stream)
+            out = self._generate(ids, cached, image_inputs, stream)
         except Exception:
             had_turns = self.turns > 0
             self.reset()  # the cache may hold part of this turn
@@ -104,7 +109,7 @@ class Chat:
             "sparsity": cache.sparsity_report(),
         }
 
-    def _generate(self, ids: Any, cached: int, pixel_values: Any, stream: bool) -> Any:
+    def _generate(self, ids: Any, cached: int, image_inputs: dict[str, Any], stream: bool) -> Any:
         """generate() of the conversation `ids` through the cache (its first `cached` tokens are in it)."""
         import torch
         from transformers import TextStreamer
@@ -115,22 +120,22 @@ class Chat:
         call: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if self.cache is not None:
             call[CACHE_KEY] = self.cache
-            if pixel_values is not None:
+            if image_inputs:
                 # This turn's tokens but the last, with its new images, go through the cache first (transformers
                 # 4.57's generate() hands pixel_values to the model only while the cache is empty); generate() then
                 # feeds the last one. The same tokens and decisions as feeding the whole turn in generate().
                 with torch.no_grad():
                     model(
                         input_ids=ids[:, cached:-1],
-                        pixel_values=pixel_values,
+                        **image_inputs,
                         attention_mask=torch.ones_like(ids[:, :-1]),
                         use_cache=True,
                         logits_to_keep=1,
                         **{CACHE_KEY: self.cache},
                         **common.sparsity_kwargs(args),
                     )
-        elif pixel_values is not None:
-            call["pixel_values"] = pixel_values
+        elif image_inputs:
+            call.update(image_inputs)
         streamer = None
         if stream:
             streamer = TextStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)

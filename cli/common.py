@@ -187,7 +187,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def open_model(args: argparse.Namespace, announce_default: bool = False) -> tuple[Path, Any, Any]:
     """The checked model folder, its processor and its config (the weights are loaded by `load_weights`)."""
-    from ..configuration_dynamic_llava import DynamicLlavaConfig
+    import json
+
+    from ..hub.bases import base_of_model_type
     from ..hub.loading import load_processor, model_folder
 
     if args.model is None and announce_default:
@@ -200,7 +202,8 @@ def open_model(args: argparse.Namespace, announce_default: bool = False) -> tupl
         raise UsageError(
             f"{args.model or folder} has no tokenizer (tokenizer_config.json); convert it with --tokenizer to add one"
         )
-    return folder, processor, DynamicLlavaConfig.from_pretrained(str(folder))
+    base = base_of_model_type(json.loads((folder / "config.json").read_text()).get("model_type"))
+    return folder, processor, base.load_config_class().from_pretrained(str(folder))
 
 
 def load_weights(folder: Path, args: argparse.Namespace) -> Any:
@@ -308,7 +311,11 @@ def summary_line(cache: Any, config: Any) -> str:
     """One line: vision tokens kept, generated tokens kept, KV-cache bytes vs a dense cache (row 0)."""
     report = cache.sparsity_report()
     vision = report["vision_tokens_kept"][0]
-    kept_v = f"{sum(vision)}/{config.image_seq_length * len(vision)}" if vision else "no image"
+    per_image = getattr(config, "tokens_per_image", None)  # (None: a base whose images have their own token counts)
+    if not vision:
+        kept_v = "no image"
+    else:
+        kept_v = f"{sum(vision)}/{per_image * len(vision)}" if per_image else f"{sum(vision)} ({len(vision)} image(s))"
     scored = report["output_text_scored"][0]
     kept_t = f"{report['output_text_kept'][0]}/{scored}" if scored else "0/0"
     ratio = report["kv_bytes_ratio"]

@@ -195,6 +195,12 @@ class DynamicLlava(lmms):
         model, processor = load_local(resolve_model(str(pretrained)), dtype=torch_dtype)
         if processor is None:
             raise ValueError(f"dynamic_llava: {pretrained} has no tokenizer/processor files")
+        if model.config.model_type != "dynamic_llava":
+            raise ValueError(
+                f"dynamic_llava: {pretrained} is a {model.config.model_type} model; this lmms-eval model reads "
+                "LLaVA-1.5 folders (fixed image token counts) only so far. Evaluate other bases with lmms-eval's "
+                "generic model paths on the folder (trust_remote_code), which run its generate()."
+            )
         self._model = model.to(self._device).eval()
         self._config = self._model.config
         self.processor = processor

@@ -25,7 +25,7 @@ from transformers.cli.serving.model_manager import EngineClient, ModelLoader, Mo
 from transformers.cli.serving.utils import GenerationState, Modality, parse_model_id, set_serve_log_level
 from transformers.utils import logging
 
-from .model import MODEL_TYPE, accepted, is_dynamic_llava, load_model, model_type_of, register_auto_classes
+from .model import MODEL_TYPES, accepted, is_dynamic_llava, load_model, model_type_of, register_auto_classes
 from .transformers_app import build_app, run_app
 
 __all__ = ["DynamicLlavaModelLoader", "DynamicLlavaModelManager", "build_manager", "run"]
@@ -40,7 +40,7 @@ class DynamicLlavaModelLoader(ModelLoader):
 
     def _load_model(self, model_id, tqdm_class=None, progress_callback=None):
         repo, revision, gguf_file = parse_model_id(model_id)
-        if gguf_file is not None or model_type_of(repo, revision) != MODEL_TYPE:
+        if gguf_file is not None or model_type_of(repo, revision) not in MODEL_TYPES:
             return super()._load_model(model_id, tqdm_class=tqdm_class, progress_callback=progress_callback)
         if progress_callback is not None:
             progress_callback({"status": "loading", "model": model_id, "stage": "config"})

@@ -29,7 +29,16 @@ __all__ = [
     "split_model_id",
 ]
 
-MODEL_TYPE = "dynamic_llava"
+MODEL_TYPE = "dynamic_llava"  # (LLaVA-1.5's; every base's Dynamic model type: `MODEL_TYPES`)
+
+
+def _model_types() -> frozenset[str]:
+    from ..hub.bases import BASES
+
+    return frozenset(base.model_type for base in BASES.values())
+
+
+MODEL_TYPES = _model_types()
 DEFAULT_MAX_NEW_TOKENS = 1024  # what transformers 5.5+ serves when a request sets no max_tokens
 
 
@@ -46,8 +55,13 @@ def register_auto_classes() -> None:
     from ..configuration_dynamic_llava import DynamicLlavaConfig
     from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
 
-    register_model_classes()  # AutoConfig and AutoModelForImageTextToText
+    register_model_classes()  # AutoConfig and AutoModelForImageTextToText, every base
 
+    from ..hub.bases import BASES
+
+    for base in BASES.values():
+        if base.stock_model_type != "llava":  # (the stock image processor: only the processor is ours)
+            AutoProcessor.register(base.load_config_class(), base.load_processor_class(), exist_ok=True)
     AutoProcessor.register(DynamicLlavaConfig, DynamicLlavaProcessor, exist_ok=True)
     if "slow_image_processor_class" in inspect.signature(AutoImageProcessor.register).parameters:  # 4.57
         AutoImageProcessor.register(
@@ -80,7 +94,7 @@ def model_type_of(model_id: str, revision: str | None) -> str | None:
 
 def serves_dynamic_llava(model_id_and_revision: str) -> bool:
     """Whether the server's model id names a Dynamic-LLaVA model (then the adapter loads it; else stock does)."""
-    return model_type_of(*split_model_id(model_id_and_revision)) == MODEL_TYPE
+    return model_type_of(*split_model_id(model_id_and_revision)) in MODEL_TYPES
 
 
 def check_served_model(model: str) -> None:
@@ -95,14 +109,17 @@ def check_served_model(model: str) -> None:
     model_type = model_type_of(model_id, revision)
     if model_type is None:
         raise FileNotFoundError(f"cannot read the config of {model} (not a folder or a reachable Hub repository)")
-    if model_type != MODEL_TYPE:
-        raise ValueError(f"{model} holds a {model_type!r} model, not dynamic_llava; serve it with `transformers serve`")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"{model} holds a {model_type!r} model, not one of {sorted(MODEL_TYPES)}; serve it with "
+            "`transformers serve`"
+        )
 
 
 def is_dynamic_llava(model_or_config: Any) -> bool:
     """Whether a loaded model (or its config) is Dynamic-LLaVA."""
     config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "model_type", None) == MODEL_TYPE
+    return getattr(config, "model_type", None) in MODEL_TYPES
 
 
 def load_model(model_id: str, **kwargs: Any):

@@ -120,6 +120,7 @@ def test_sparsity_off_equals_stock_on_each_base(base):
         assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_auto_classes_and_pipeline_load_the_init_folder_in_a_fresh_process(base, tmp_path):
     """The folder alone (its remote code; this package not importable), with `AutoModelForImageTextToText`,
     `AutoProcessor` and `pipeline("image-text-to-text")`, decodes what this package's classes decode."""
@@ -178,3 +179,38 @@ def test_cached_decoding_equals_uncached_on_each_base(base):
     cached = model.generate(**batch, max_new_tokens=5, vision_keep_tokens=5, **GREEDY)
     uncached = model.generate(**batch, max_new_tokens=5, vision_keep_tokens=5, use_cache=False, **GREEDY)
     assert torch.equal(cached.sequences, uncached.sequences)
+
+
+def test_generate_and_chat_commands_run_on_each_base(base, tmp_path, capsys, monkeypatch):
+    """`dynamic-llava generate` and a two-turn `chat` (a new image in the second turn) on an `init` folder: each base's
+    processor names its own image inputs, and the summary line counts what each image kept."""
+    import io
+
+    from dynamic_llava.cli import main
+
+    _, _, _, _, folder = base
+    picture = tmp_path / "image.png"
+    _noise(90, 60, 1).save(picture)
+    common = ["--model", str(folder), "--max-new-tokens", "3"]
+    assert (
+        main(["generate", *common, "--image", str(picture), "--prompt", "what is it", "--vision-keep-tokens", "2"]) == 0
+    )
+    assert "[sparsity] vision tokens kept 2 (1 image(s))" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"what is it\n/image {picture}\nand this\n"))
+    assert main(["chat", *common, "--image", str(picture), "--vision-keep-tokens", "2"]) == 0
+    assert "vision tokens kept 4 (2 image(s))" in capsys.readouterr().out
+
+
+def test_serve_accepts_each_bases_folder(base):
+    """`dynamic-llava serve` takes a folder of every base (and registers its processor); a stock one is refused."""
+    from transformers import AutoProcessor
+
+    from dynamic_llava.serving.model import check_served_model, is_dynamic_llava, register_auto_classes
+
+    name, stock, _, _, folder = base
+    check_served_model(str(folder))
+    register_auto_classes()
+    assert type(AutoProcessor.from_pretrained(folder)).__name__ == BASES[name].processor_class
+    assert is_dynamic_llava(load_local(folder)[0]) and not is_dynamic_llava(stock)
+    with pytest.raises(ValueError, match="serve it with `transformers serve`"):
+        check_served_model(str(folder.parent / "stock"))

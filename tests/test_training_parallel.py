@@ -65,6 +65,7 @@ def one_process(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stock_trainer", [False, True], ids=["DynamicLlavaTrainer", "stock_Trainer"])
 def test_gradient_accumulation_equals_one_batch_twice_as_large(tmp_path, one_process, stock_trainer):
     """Batch 2 x accumulation 2 == batch 4: the loss divides by the Trainer's `num_items_in_batch` (the label tokens
@@ -73,12 +74,14 @@ def test_gradient_accumulation_equals_one_batch_twice_as_large(tmp_path, one_pro
     _assert_same_run(one_process, tmp_path)
 
 
+@pytest.mark.slow
 def test_two_data_parallel_processes_equal_one_process(tmp_path, one_process):
     """torchrun, 2 processes x batch 2 (DDP, gloo) == 1 process x batch 4: the logged losses and final weights."""
     _run(str(tmp_path), str(GLOBAL_BATCH // 2), "1", processes=2)
     _assert_same_run(one_process, tmp_path)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_model_decodes_what_one_process_does(tmp_path):
     """`from_pretrained(..., tp_plan="auto")` on 2 processes: its weights are sharded, and it gives one process's
     tokens, kept image tokens and cache lengths."""
@@ -109,6 +112,7 @@ def _has_fsdp2_distributed_config() -> bool:
     return "fsdp_size" in inspect.signature(DistributedConfig).parameters
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not _has_fsdp2_distributed_config(), reason="this transformers has no DistributedConfig(fsdp_size=...) (FSDP2)"
 )
