@@ -214,3 +214,40 @@ def test_serve_accepts_each_bases_folder(base):
     assert is_dynamic_llava(load_local(folder)[0]) and not is_dynamic_llava(stock)
     with pytest.raises(ValueError, match="serve it with `transformers serve`"):
         check_served_model(str(folder.parent / "stock"))
+
+
+def test_predictor_only_training_runs_on_each_base(base, tmp_path):
+    """`DynamicLlavaTrainer` trains the predictors of any base (LLM and vision tower frozen: `freeze_parts`): the
+    budget terms reach both predictors, and only the predictors move."""
+    from transformers import TrainingArguments
+
+    from dynamic_llava.sparse_training import freeze_parts
+    from dynamic_llava.training.trainer import DynamicLlavaTrainer
+
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    model.config.image_scorer = "predictor"  # (the training-free scorer has nothing to train)
+    model.config.use_output_text_predictor = True
+    model.config.output_text_len_for_training = 4
+    rows = []
+    for text, pictures in _row_specs():
+        one = _rows(processor, image, [(text + " a b c d e f g h", pictures)])
+        labels = one["input_ids"].clone()
+        labels[:, :-8] = -100
+        rows.append({**one, "labels": labels})
+
+    def collate(items):  # batch 1: each row as the processor made it
+        (item,) = items
+        return item
+
+    freeze_parts(model, freeze_llm=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, report_to=[], save_strategy="no",
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, learning_rate=0.0,
+    )  # fmt: skip
+    trainer = DynamicLlavaTrainer(model=model, args=args, train_dataset=rows, data_collator=collate, predictor_lr=1e-2)
+    trainer.train()
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all("score_predictor" in k for k in moved)
+    assert any("image_score_predictor" in k for k in moved) and any("output_text_score_predictor" in k for k in moved)

@@ -159,13 +159,7 @@ class SparseModelMixin:
             )
         images = None
         if not self.has_image_inputs(image_inputs):
-            if input_ids is not None and q > 1:
-                count = int((input_ids == self.config.image_token_id).sum())  # (prompt chunks only: one host read)
-                if count:
-                    raise ValueError(
-                        f"The input holds {count} image tokens but no pixel_values: pass the images of this chunk "
-                        "(the processor's pixel_values), or remove the image placeholders."
-                    )
+            self._check_no_image_tokens(input_ids, q)
         else:
             text_from = output_text_start if output_text_start is not None and cache is None else None
             inputs_embeds, images = self.merge_images(input_ids, inputs_embeds, image_inputs, cache, text_from)
@@ -211,6 +205,17 @@ class SparseModelMixin:
         return sparse_decoder_forward(self, call, inputs_embeds)
 
     # ---- the inputs of one call --------------------------------------------------------------------------------
+
+    def _check_no_image_tokens(self, input_ids: torch.Tensor | None, q: int) -> None:
+        """A prompt chunk without images must not hold image tokens (one host read; decode steps skip it)."""
+        if input_ids is None or q <= 1:
+            return
+        count = int((input_ids == self.config.image_token_id).sum())
+        if count:
+            raise ValueError(
+                f"The input holds {count} image tokens but no pixel_values: pass the images of this chunk "
+                "(the processor's pixel_values), or remove the image placeholders."
+            )
 
     @staticmethod
     def _positions(position_ids: Any, start: Any, batch: int, q: int, device: torch.device) -> torch.Tensor:
