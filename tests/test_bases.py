@@ -251,3 +251,43 @@ def test_predictor_only_training_runs_on_each_base(base, tmp_path):
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all("score_predictor" in k for k in moved)
     assert any("image_score_predictor" in k for k in moved) and any("output_text_score_predictor" in k for k in moved)
+
+
+def test_static_cache_equals_the_dynamic_one_on_each_base(base):
+    """`cache_implementation="static"` (preallocated, the one compiled decoding uses) gives the dynamic cache's tokens,
+    kept image tokens and stored lengths."""
+    from dynamic_llava import DynamicLlavaStaticCache
+
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    batch = _batch(processor, image)
+    dynamic = model.generate(**batch, max_new_tokens=6, vision_keep_tokens=3, **GREEDY)
+    static = model.generate(**batch, max_new_tokens=6, vision_keep_tokens=3, cache_implementation="static", **GREEDY)
+    cache = getattr(static, CACHE_KEY)
+    assert isinstance(cache, DynamicLlavaStaticCache)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    kept = getattr(dynamic, CACHE_KEY).kept_vision_indices
+    assert [[k.tolist() for k in row] for row in cache.kept_vision_indices] == [[k.tolist() for k in r] for r in kept]
+    assert torch.equal(cache.kept_lengths(), getattr(dynamic, CACHE_KEY).kept_lengths())
+
+
+def test_beam_search_with_sparsity_off_equals_stock_on_each_base(base):
+    _, stock, processor, image, folder = base
+    model, _ = load_local(folder)
+    one = _rows(processor, image, [("<img> what is it?", [_noise(90, 60, 1)])])
+    beams = {"num_beams": 2, "do_sample": False, "max_new_tokens": 5}
+    ours = model.generate(**one, use_vision_predictor=False, **beams)
+    assert torch.equal(ours, stock.generate(**one, **beams))
+
+
+def test_a_row_without_image_beside_rows_with_images_equals_itself_alone(base):
+    """0, 1 and 2 images per row in one left-padded batch: each row gives what it gives alone, and keeps K per image."""
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    specs = [("just words here", []), *_row_specs()]
+    out = model.generate(**_rows(processor, image, specs), max_new_tokens=4, vision_keep_tokens=3, **GREEDY)
+    cache = getattr(out, CACHE_KEY)
+    assert [[len(kept) for kept in row] for row in cache.kept_vision_indices] == [[], [3], [3, 3]]
+    for row, spec in enumerate(specs):
+        alone = model.generate(**_rows(processor, image, [spec]), max_new_tokens=4, vision_keep_tokens=3, **GREEDY)
+        assert torch.equal(out.sequences[row, -4:], alone.sequences[0, -4:])

@@ -335,3 +335,28 @@ def test_train_precision_option(tmp_path, monkeypatch, precision):
     with pytest.raises(ValueError, match="precision must be fp32, bf16 or fp16"):
         train(data, images, str(DEMO_MODEL), str(tmp_path / "other"), precision="fp8")
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize(("optim", "cls"), [("adamw_torch", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_trainer_builds_the_predictor_groups_in_create_optimizer(tmp_path, optim, cls):
+    """Every backend calls `create_optimizer` (DeepSpeed without an optimizer in its config, FSDP after wrapping):
+    the groups are built there, with the optimizer `args.optim` names, the predictors at their own rate."""
+    from dynamic_llava.sparse_training import freeze_parts
+    from dynamic_llava.training.trainer import DynamicLlavaTrainer
+
+    model = tiny_model(4)
+    freeze_parts(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), optim=optim, learning_rate=5e-6, report_to=[], use_cpu=True, weight_decay=0.1
+    )
+    trainer = DynamicLlavaTrainer(model=model, args=args, predictor_lr=2e-4)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, cls)
+    predictors, rest = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("score_predictor" in names[id(p)] for p in predictors["params"])
+    assert not any("score_predictor" in names[id(p)] for p in rest["params"])
+    assert (predictors["lr"], rest["lr"]) == (2e-4, 5e-6)
+    assert predictors["weight_decay"] == rest["weight_decay"] == 0.0  # (no weight decay, as the original)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trainable
