@@ -1,10 +1,11 @@
 """Property tests of the sparse cache (slot table + `SparseLayer`) against a dense, masked reference (hypothesis)."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynamic_llava import DynamicLlavaCache
+from dynamic_llava import DynamicLlavaCache, DynamicLlavaStaticCache
 from dynamic_llava.sparse_cache import SparseChunk
 from dynamic_llava.sparse_masks import EMPTY, visible_keys
 
@@ -43,12 +44,23 @@ def _attention(query, keys, values, visible):
     return scores.softmax(-1) @ values
 
 
+# the cache classes the properties hold for: (cache of 2 layers, the second sparse; the capacity of a sparse layer may
+# grow): the static cache preallocates its slots (room for the longest draw: 8 chunks of 5 tokens)
+CACHES = {
+    "dynamic": lambda block_size: DynamicLlavaCache(num_hidden_layers=2, sparse_layer=1, block_size=block_size),
+    "static": lambda block_size: DynamicLlavaStaticCache(
+        num_hidden_layers=2, sparse_layer=1, block_size=block_size, max_cache_len=48
+    ),
+}
+
+
 chunk_strategy = st.tuples(
     st.integers(1, 5),  # chunk length
     st.integers(0, 2**16),  # seed of keep mask / padding / values
 )
 
 
+@pytest.mark.parametrize("kind", sorted(CACHES))
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 4),
@@ -57,8 +69,8 @@ chunk_strategy = st.tuples(
     pad_first=st.booleans(),
     block_size=st.sampled_from([1, 3, 64]),
 )
-def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_after, pad_first, block_size):
-    cache = DynamicLlavaCache(num_hidden_layers=2, sparse_layer=1, block_size=block_size)
+def test_sparse_layer_matches_dense_masked_reference(kind, batch, chunks, reorder_after, pad_first, block_size):
+    cache = CACHES[kind](block_size)
     layer = cache.layers[1]
     ref = DenseReference(batch)
     next_pos = torch.zeros(batch, dtype=torch.long)
@@ -75,6 +87,8 @@ def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_afte
         pos = next_pos[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
         next_pos = next_pos + valid.sum(-1)
 
+        if cache.is_preallocated:  # (the static cache's dense layers write at the columns the call begins with)
+            cache.begin_dense(pos, valid, None)
         cache.layers[0].update(k, v, 0)
         chunk = SparseChunk(valid, pos, valid, store & valid, length, is_prompt=True)
         key_positions = cache.admit(chunk)
@@ -90,7 +104,8 @@ def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_afte
         assert torch.equal(layer.kept_length(), counts)
         # (spare slots: one block, plus the tokens of the call that last grew it, dropped or not)
         largest = max(c[0] for c in chunks[: step + 1])
-        assert int(counts.max()) <= layer.keys.shape[2] <= int(counts.max()) + block_size + largest
+        if not cache.is_preallocated:  # (the static cache's capacity is fixed)
+            assert int(counts.max()) <= layer.keys.shape[2] <= int(counts.max()) + block_size + largest
         for b in range(batch):
             n = int(counts[b])
             assert torch.equal(layer.keys[b, :, :n], ref.keys[b][:, ref.keep[b]])
@@ -99,7 +114,10 @@ def test_sparse_layer_matches_dense_masked_reference(batch, chunks, reorder_afte
             # empty after the kept entries; a one-token call's dropped token keeps its tag until the next call
             tail = cache.table.positions[b, n + (1 if length == 1 else 0) :]
             assert (tail == EMPTY).all()
-        assert layer.get_seq_length() == sum(c[0] for c in chunks[: step + 1])
+        seen = sum(c[0] for c in chunks[: step + 1])
+        assert cache.get_seq_length() == seen  # (the static cache keeps one length for all its layers)
+        if not cache.is_preallocated:
+            assert layer.get_seq_length() == seen
 
         if step == reorder_after:  # beam-style reorder, with duplicated rows
             index = torch.randint(0, batch, (batch,), generator=g)

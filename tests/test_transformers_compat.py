@@ -1,0 +1,45 @@
+"""`transformers_compat.py` detects features of the installed transformers, not versions: each detected name agrees
+with what the installed API does, and each helper gives one answer for both layouts."""
+
+import pytest
+import torch
+from transformers import LlavaConfig, TrainingArguments
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+from dynamic_llava import transformers_compat as compat
+
+
+def test_the_cache_key_is_the_field_the_installed_outputs_have():
+    assert compat.CACHE_KEY in LlavaCausalLMOutputWithPast.__dataclass_fields__
+
+
+@pytest.mark.parametrize("key", ["cache", "past_key_values"])
+def test_the_cache_of_an_output_is_found_under_either_name(key):
+    marker = object()
+    assert compat.cache_from_output({key: marker}) is marker
+    with pytest.raises(ValueError, match="holds no cache"):
+        compat.cache_from_output({key: None})
+
+
+def test_hub_keys_are_the_layout_both_majors_load():
+    assert compat.hub_key("model.vision_tower.encoder.layers.0.mlp.fc1.weight") == (
+        "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    )
+    kept = "model.vision_tower.vision_model.embeddings.patch_embedding.weight"
+    assert compat.hub_key(kept) == kept
+    assert compat.hub_key("model.language_model.layers.0.mlp.up_proj.weight").startswith("model.language_model.")
+
+
+def test_the_dtype_field_is_the_one_the_installed_config_writes():
+    field = compat.config_dtype_field(LlavaConfig())
+    assert field == ("dtype" if compat.TRANSFORMERS_MAJOR >= 5 else "torch_dtype")
+
+
+def test_the_warmup_share_goes_in_the_field_training_arguments_have():
+    (name, value), *_ = compat.trainer_warmup_kwargs(0.03).items()
+    assert name in TrainingArguments.__dataclass_fields__ and value == 0.03
+
+
+def test_a_layers_output_is_its_hidden_states_tuple_or_not():
+    hidden = torch.zeros(1, 2, 3)
+    assert compat.layer_output(hidden) is hidden and compat.layer_output((hidden, None)) is hidden
