@@ -687,6 +687,9 @@ class SparseGenerationMixin:
 
     # the image inputs of a call, as generate() passes them (the base adapter names its own)
     _image_input_names: tuple[str, ...] = ("pixel_values", "image_sizes")
+    # 4.57's generate() builds a 4D mask for a static cache with this function where a base defines it (LLaVA-NeXT
+    # does): hidden, so that it asks `create_masks_for_generate` (ours: the 2D mask, padded) as for every base
+    _prepare_4d_causal_attention_mask_with_cache_position = None
 
     def create_masks_for_generate(self, *args: Any, **kwargs: Any):
         """generate() asks compilable caches for a static-shape mask: ours is the 2D mask over the whole sequence,

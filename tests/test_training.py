@@ -279,7 +279,8 @@ def test_accelerate_launch_trains_on_two_processes(tmp_path):
         "--save-steps",
         "4",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}  # (hermetic: see parallel tests)
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained model written to") == 1, done.stdout  # only the main process reports

@@ -36,7 +36,10 @@ def _run(*args: str, processes: int = 1) -> None:
     if processes > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                         str(_free_port())]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # (hermetic: an in-process TrainingArguments earlier in the session leaves ACCELERATE_MIXED_PRECISION and the
+    # like in os.environ, which a child Trainer would obey)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
 
