@@ -30,9 +30,13 @@ def test_hub_keys_are_the_layout_both_majors_load():
     assert compat.hub_key("model.language_model.layers.0.mlp.up_proj.weight").startswith("model.language_model.")
 
 
-def test_the_dtype_field_is_the_one_the_installed_config_writes():
-    field = compat.config_dtype_field(LlavaConfig())
-    assert field == ("dtype" if compat.TRANSFORMERS_MAJOR >= 5 else "torch_dtype")
+def test_the_dtype_field_round_trips_through_the_installed_config(tmp_path):
+    config = LlavaConfig()
+    setattr(config, compat.config_dtype_field(config), "bfloat16")
+    config.save_pretrained(tmp_path)
+    loaded = LlavaConfig.from_pretrained(tmp_path)
+    stored = getattr(loaded, "dtype", None) or getattr(loaded, "torch_dtype", None)
+    assert str(stored).replace("torch.", "") == "bfloat16"
 
 
 def test_the_warmup_share_goes_in_the_field_training_arguments_have():
