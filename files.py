@@ -21,6 +21,7 @@ from pathlib import Path
 
 __all__ = [
     "OutputExistsError",
+    "refuse_existing_output",
     "atomic_output_dir",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -65,6 +66,13 @@ def _apply_umask(path: Path, umask: int) -> None:
                 os.chmod(file, file_mode)
 
 
+def refuse_existing_output(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """`OutputExistsError` for an output folder that exists and is not empty (or is a file), unless `overwrite`."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """
@@ -72,8 +80,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     and `out` is untouched. A non-empty `out` is refused (`OutputExistsError`) unless `overwrite`.
     """
     out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
+    refuse_existing_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -34,7 +34,7 @@ from .configuration_dynamic_llava import DynamicLlavaConfig
 from .sparse_cache import DynamicLlavaCache  # noqa: E402, F401
 from .sparse_flow import DynamicLlavaCausalLMOutput, DynamicLlavaModelOutput, ImageLayout
 from .sparse_masks import EMPTY  # noqa: E402, F401
-from .sparse_model import PREDICTORS, SparseGenerationMixin, SparseModelMixin
+from .sparse_model import PREDICTORS, SparseGenerationMixin, SparseModelMixin, select_strategy
 from .sparse_predictors import ImageScorePredictor  # noqa: E402, F401
 from .sparse_scorers import image_keep_scores  # noqa: E402, F401
 from .sparse_settings import SparsityKwargs, SparsitySettings, with_per_call_parameters
@@ -125,14 +125,6 @@ class DynamicLlavaModel(SparseModelMixin, LlavaModel):
 
     # ---- the LLaVA-1.5 hooks of the core -------------------------------------------------------------------------
 
-    def _select_strategy(self, strategy: str | None) -> str:
-        strategy = strategy if strategy is not None else self.config.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r} is not one of 'default' (drop the class token) or 'full'."
-            )
-        return strategy
-
     def image_inputs_per_row(self, input_ids: Any, inputs_embeds: Any, model_kwargs: dict) -> dict[str, list[int]]:
         """For generate()'s expansion: entries of each image input per row (one image = one entry)."""
         mask = self._image_token_mask(input_ids, inputs_embeds)
@@ -170,7 +162,7 @@ class DynamicLlavaModel(SparseModelMixin, LlavaModel):
                 f"{expected[0]}, {expected[1]}, {expected[2]}]. Preprocess images with the model's processor "
                 "(AutoProcessor.from_pretrained(...)) and pass one image per <image> token."
             )
-        strategy = self._select_strategy(image_inputs.get("vision_feature_select_strategy"))
+        strategy = select_strategy(self.config, image_inputs.get("vision_feature_select_strategy"))
         image_token_mask = self._image_token_mask(input_ids, inputs_embeds)
         if text_from is not None:
             image_token_mask[:, text_from:] = False  # generated text is never an image

@@ -29,7 +29,7 @@ from .configuration_dynamic_llava_next import DynamicLlavaNextConfig
 from .sparse_cache import DynamicLlavaCache  # noqa: E402, F401
 from .sparse_flow import DynamicLlavaCausalLMOutput, DynamicLlavaModelOutput, ImageLayout
 from .sparse_masks import EMPTY  # noqa: E402, F401
-from .sparse_model import PREDICTORS, SparseGenerationMixin, SparseModelMixin
+from .sparse_model import PREDICTORS, SparseGenerationMixin, SparseModelMixin, select_strategy
 from .sparse_predictors import ImageScorePredictor  # noqa: E402, F401
 from .sparse_scorers import image_keep_scores  # noqa: E402, F401
 from .sparse_settings import SparsityKwargs, SparsitySettings, with_per_call_parameters
@@ -98,14 +98,6 @@ class DynamicLlavaNextModel(SparseModelMixin, LlavaNextModel):
 
     # ---- the LLaVA-NeXT hooks of the core ------------------------------------------------------------------------
 
-    def _select_strategy(self, strategy: str | None) -> str:
-        strategy = strategy if strategy is not None else self.config.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r} is not one of 'default' (drop the class token) or 'full'."
-            )
-        return strategy
-
     def image_token_counts(self, image_sizes: torch.Tensor, strategy: str) -> list[int]:
         """Tokens each image becomes (base tile, unpadded high-resolution tiles, newlines): the stock packing run on
         empty features of each image's tile grid (no vision tower)."""
@@ -123,7 +115,7 @@ class DynamicLlavaNextModel(SparseModelMixin, LlavaNextModel):
 
     def image_inputs_per_row(self, input_ids: Any, inputs_embeds: Any, model_kwargs: dict) -> dict[str, list[int]]:
         """For generate()'s expansion: images per row of `pixel_values` and `image_sizes`."""
-        strategy = self._select_strategy(model_kwargs.get("vision_feature_select_strategy"))
+        strategy = select_strategy(self.config, model_kwargs.get("vision_feature_select_strategy"))
         sizes = self.image_token_counts(model_kwargs["image_sizes"], strategy)
         layout = self.layout_of(self._image_token_mask(input_ids, inputs_embeds), sizes)
         return {"pixel_values": layout.per_row, "image_sizes": layout.per_row}
@@ -143,7 +135,7 @@ class DynamicLlavaNextModel(SparseModelMixin, LlavaNextModel):
                 f"pixel_values has shape {tuple(pixel_values.shape)} for {len(image_sizes)} image_sizes; LLaVA-NeXT "
                 "expects [num_images, tiles, 3, H, W] and one image size per image (the processor's outputs)."
             )
-        strategy = self._select_strategy(image_inputs.get("vision_feature_select_strategy"))
+        strategy = select_strategy(self.config, image_inputs.get("vision_feature_select_strategy"))
         image_token_mask = self._image_token_mask(input_ids, inputs_embeds)
         if text_from is not None:
             image_token_mask[:, text_from:] = False  # generated text is never an image

@@ -69,6 +69,16 @@ def is_dynamic_llava_cache(cache: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def select_strategy(config: Any, strategy: str | None) -> str:
+    """A call's `vision_feature_select_strategy` (None: the config's), one of the CLIP-tower bases' two."""
+    strategy = strategy if strategy is not None else config.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r} is not one of 'default' (drop the class token) or 'full'."
+        )
+    return strategy
+
+
 class SparseModelMixin:
     """The predictors, the cache checks and the forward of a Dynamic model without head (see the module doc)."""
 

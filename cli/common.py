@@ -187,9 +187,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def open_model(args: argparse.Namespace, announce_default: bool = False) -> tuple[Path, Any, Any]:
     """The checked model folder, its processor and its config (the weights are loaded by `load_weights`)."""
-    import json
-
-    from ..hub.bases import base_of_model_type
+    from ..hub.bases import base_of_folder
     from ..hub.loading import load_processor, model_folder
 
     if args.model is None and announce_default:
@@ -202,8 +200,7 @@ def open_model(args: argparse.Namespace, announce_default: bool = False) -> tupl
         raise UsageError(
             f"{args.model or folder} has no tokenizer (tokenizer_config.json); convert it with --tokenizer to add one"
         )
-    base = base_of_model_type(json.loads((folder / "config.json").read_text()).get("model_type"))
-    return folder, processor, base.load_config_class().from_pretrained(str(folder))
+    return folder, processor, base_of_folder(folder).load_config_class().from_pretrained(str(folder))
 
 
 def load_weights(folder: Path, args: argparse.Namespace) -> Any:

@@ -28,9 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..files import OutputExistsError
+    from ..files import refuse_existing_output
     from ..hub.export import export_model
     from ..hub.folder import parse_dtype
     from ..hub.loading import model_folder
@@ -39,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(f"export takes [MODEL] OUT_DIR, got {len(args.paths)} paths: {' '.join(args.paths)}")
     model, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
     common.check_out_folder("OUT_DIR", out)
-    target = Path(out).expanduser()
-    if target.is_dir() and any(target.iterdir()) and not args.overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite.")
+    refuse_existing_output(out, args.overwrite)  # (before anything is loaded)
     folder = model_folder(model)  # (the embedded demo model when MODEL is left out)
     export_model(
         folder, out, overwrite=args.overwrite, max_shard_size=args.max_shard_size, dtype=parse_dtype(args.dtype)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BASES", "CORE_CODE_FILES", "Base", "base_of", "base_of_model_type"]
+__all__ = ["BASES", "CORE_CODE_FILES", "Base", "base_of", "base_of_folder", "base_of_model_type"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,3 +121,11 @@ def base_of_model_type(model_type: str | None, where: str = "") -> Base:
 def base_of(config: Any) -> Base:
     """The base of a config (stock or Dynamic)."""
     return base_of_model_type(getattr(config, "model_type", None))
+
+
+def base_of_folder(folder: str | Path) -> Base:
+    """The base of a model folder, from its config.json's `model_type` (read as JSON: no class is resolved)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    return base_of_model_type(json.loads(path.read_text()).get("model_type"), where=f"{folder}: ")

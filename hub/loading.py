@@ -127,10 +127,9 @@ def load_model(
 ) -> DynamicLlavaForConditionalGeneration:
     """The model of a checked folder (`model_folder`) with this package's classes, in eval mode. `dtype` None or
     "auto": the stored dtype; `device_map` and `quantization_config` as in `from_pretrained`."""
-    from .bases import base_of_model_type
+    from .bases import base_of_folder
 
-    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
-    model_class = base_of_model_type(model_type).load_model_class()
+    model_class = base_of_folder(folder).load_model_class()
     kwargs: dict = {"dtype": dtype or "auto"}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -159,9 +158,9 @@ def load_processor(folder: str | os.PathLike) -> DynamicLlavaProcessor | None:
     folder = Path(folder)
     if not (folder / "tokenizer_config.json").exists():
         return None
-    from .bases import base_of_model_type
+    from .bases import base_of_folder
 
-    base = base_of_model_type(json.loads((folder / "config.json").read_text()).get("model_type"))
+    base = base_of_folder(folder)
     if base.stock_model_type != "llava":  # (the stock image processor, the base's Dynamic processor class)
         return base.load_processor_class().from_pretrained(str(folder))
     settings = {}

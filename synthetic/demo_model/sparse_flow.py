@@ -445,11 +445,11 @@ def select_for_training(model: Any, call: SparseCall, hidden: torch.Tensor) -> S
             image_keep = image_keep.index_put((index.reshape(-1),), group_keep.reshape(-1))
             ratios = ratios.index_put((torch.tensor(indices, device=hidden.device),), group_keep.mean(dim=-1))
         keep = keep.reshape(-1).index_put((flat,), image_keep).reshape(batch, q)
-        per_row = torch.tensor(images.per_row, device=hidden.device)
-        row_of = torch.repeat_interleave(torch.arange(batch, device=hidden.device), per_row)  # [images]
-        terms = (settings.vision_keep_rate - ratios) ** 2 / per_row[row_of]  # a row's term: the mean over its images
-        per_row = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, row_of, terms)
-        selection.vision_budget_loss = budget_loss(per_row, weights, total)
+        images_per_row = torch.tensor(images.per_row, device=hidden.device)
+        row_of = torch.repeat_interleave(torch.arange(batch, device=hidden.device), images_per_row)  # [images]
+        terms = (settings.vision_keep_rate - ratios) ** 2 / images_per_row[row_of]  # a row's term: mean over its images
+        row_terms = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, row_of, terms)
+        selection.vision_budget_loss = budget_loss(row_terms, weights, total)
         selection.vision_keep_ratio = ratios.mean()
     if settings.use_output_text_predictor and call.labels is not None:
         start, end = answer_span(call.labels.to(hidden.device), call.token_valid)
