@@ -40,7 +40,13 @@ from .sparse_predictors import ImageScorePredictor  # noqa: E402, F401
 from .sparse_scorers import image_keep_scores  # noqa: E402, F401
 from .sparse_settings import SparsityKwargs, SparsitySettings, with_per_call_parameters
 from .sparse_training import budget_loss  # noqa: E402, F401
-from .transformers_compat import image_features_list, keep_in_fp32_names, qwen_rope_index, supported_generation_modes
+from .transformers_compat import (
+    image_features_list,
+    keep_in_fp32_names,
+    predictor_keys_kept,
+    qwen_rope_index,
+    supported_generation_modes,
+)
 
 try:
     from typing import Unpack
@@ -237,6 +243,9 @@ class DynamicQwen2_5_VLForConditionalGeneration(SparseGenerationMixin, Qwen2_5_V
     _keep_in_fp32_modules_strict = _FP32_MODULES
     _supported_generation_modes = supported_generation_modes()
     _image_input_names = ("pixel_values", "image_grid_thw")
+    _checkpoint_conversion_mapping = predictor_keys_kept(
+        getattr(Qwen2_5_VLForConditionalGeneration, "_checkpoint_conversion_mapping", None), list(PREDICTORS)
+    )
 
     def __init__(self, config: DynamicQwen2_5_VLConfig):
         # Qwen2_5_VLForConditionalGeneration.__init__ would build a stock Qwen2_5_VLModel first; build ours directly

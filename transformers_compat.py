@@ -33,6 +33,8 @@ __all__ = [
     "dense_causal_mask",
     "decoder_layer_kwargs",
     "hub_key",
+    "predictor_keys_kept",
+    "legacy_rope_fields",
     "image_features_list",
     "keep_in_fp32_names",
     "layer_output",
@@ -154,6 +156,20 @@ def keep_in_fp32_names(names: list[str], parent: str) -> list[str]:
     return list(names) if TRANSFORMERS_MAJOR < 5 else [f"{parent}.{name}" for name in names]
 
 
+def predictor_keys_kept(mapping: dict[str, str] | None, names: list[str], parent: str = "model") -> dict[str, str]:
+    """
+    A base class's `_checkpoint_conversion_mapping` that leaves the predictors' keys (`parent.<name>.*`) as they
+    are. 4.57's Qwen2.5-VL maps every `model.*` key that is neither its language model nor its tower into
+    `model.language_model.*` (the old checkpoint layout), which would load a trained folder's predictors nowhere:
+    an identity entry per predictor comes first (4.57 applies the first pattern that matches, and reverses each one
+    on save). No effect where the mapping is empty or unused (5.x). Goes with 4.57.
+    """
+    if not mapping:
+        return dict(mapping or {})
+    kept = {f"^{parent}.{name}": f"{parent}.{name}" for name in names}
+    return {**kept, **mapping}
+
+
 def image_features_list(output: Any) -> list[torch.Tensor]:
     """`get_image_features` returns a list in 4.57 and `BaseModelOutputWithPooling(pooler_output=list)` in 5.x."""
     return list(output.pooler_output if hasattr(output, "pooler_output") else output)
@@ -192,6 +208,24 @@ def hub_key(key: str) -> str:
     if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
         return prefix + "vision_model." + key[len(prefix) :]
     return key
+
+
+def legacy_rope_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """
+    The rotary fields 4.57 reads (`rope_theta`, and `rope_scaling` where the rope is not the default one or has
+    M-RoPE sections) for a config dict written by 5.x, which keeps them in `rope_parameters` only; {} where the dict
+    has them already or has no `rope_parameters`. 5.x reads the legacy fields of real Hub configs the same way, so a
+    file with both loads alike on both majors. Goes with 4.57.
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config:
+        return {}
+    fields = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    special = scaling.get("rope_type", "default") != "default" or "mrope_section" in scaling
+    if "rope_scaling" not in config and special:
+        fields["rope_scaling"] = scaling
+    return fields
 
 
 def config_dtype_field(config: Any) -> str:

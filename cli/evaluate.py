@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..synthetic import IMAGE_SIZE
+    from ..synthetic.bases import synthetic_base
     from ..synthetic.evaluate import evaluate_synthetic
     from ..synthetic.task import make_sample, prompt_inputs, sample_rng
 
@@ -39,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     common.check_generation_flags(args)
     folder, processor, config = common.open_model(args)
     # the questions are short and alike: the first one stands for all in the position check
-    first = prompt_inputs(processor, [make_sample(sample_rng(args.seed, 0), IMAGE_SIZE)])
+    try:
+        image = synthetic_base(config.model_type).image_placeholder
+    except ValueError as error:
+        raise UsageError(f"{folder}: {error}") from None
+    first = prompt_inputs(processor, [make_sample(sample_rng(args.seed, 0), IMAGE_SIZE)], image=image)
     common.check_positions(first["input_ids"].shape[1], args.max_new_tokens, config)
     model = common.load_weights(folder, args)
     if args.do_sample:

@@ -17,6 +17,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--out", required=True)
     parser.add_argument(
+        "--base",
+        choices=("llava", "qwen2_5_vl"),
+        default="llava",
+        help="the architecture: LLaVA-1.5 (the embedded demo model) or Qwen2.5-VL",
+    )
+    parser.add_argument(
         "--vision-steps", type=non_negative_int, default=4000, help="phase 0: the vision tower alone (batch 32)"
     )
     parser.add_argument(
@@ -39,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..hub.export import export_model
-    from ..synthetic.train import SYNTHETIC_ABOUT, train_synthetic
+    from ..synthetic.bases import synthetic_base
+    from ..synthetic.train import train_synthetic
 
     common.check_out_folder("--out", args.out)
     model, processor = train_synthetic(
@@ -49,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         calibration_samples=args.calibration_samples,
+        base=args.base,
     )
-    folder = export_model(model, args.out, processor=processor, overwrite=True, about=SYNTHETIC_ABOUT)
+    about = synthetic_base(args.base).about
+    folder = export_model(model, args.out, processor=processor, overwrite=True, about=about)
     print(f"trained model written to {folder}")
     return 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from ..transformers_compat import TOKENIZER_CLASS_REWRITES, config_dtype_field, hub_key
+from ..transformers_compat import TOKENIZER_CLASS_REWRITES, config_dtype_field, hub_key, legacy_rope_fields
 from .bases import BASES, PACKAGE_ROOT, Base, base_of
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def write_code_files(folder: Path, base: Base | None = None) -> None:
 
 def write_model_config(config: Any, folder: str | os.PathLike) -> None:
     """config.json with its base's `auto_map` and `architectures` (our class names, whatever wrapper the model is in),
-    as transformers 4.57 writes it (5.x reads it)."""
+    readable by transformers 4.57 and 5.x whichever wrote it (the rotary fields of both, `legacy_rope_fields`)."""
     base = base_of(config)
     config.auto_map = dict(base.auto_map)
     config.architectures = [base.model_class]
@@ -144,8 +144,12 @@ def write_model_config(config: Any, folder: str | os.PathLike) -> None:
     # (4.57's Qwen2.5-VL config leaves `architectures` out of the file it writes: write both entries as given)
     path = Path(folder) / "config.json"
     data = json.loads(path.read_text())
-    if data.get("architectures") != config.architectures or data.get("auto_map") != config.auto_map:
+    rope = {key: legacy_rope_fields(data[key]) for key in ("text_config",) if isinstance(data.get(key), dict)}
+    rope = {key: fields for key, fields in rope.items() if fields}
+    if data.get("architectures") != config.architectures or data.get("auto_map") != config.auto_map or rope:
         data.update(architectures=config.architectures, auto_map=config.auto_map)
+        for key, fields in rope.items():
+            data[key].update(fields)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -9,9 +9,10 @@ imported only when `--model dynamic_llava` is asked for)::
 
 `model_args` (comma separated; only `pretrained` is required):
 
-- `pretrained`: a Dynamic-LLaVA folder (`save_pretrained`, `dynamic-llava export` / `convert` output) or a Hub id.
-  It is loaded with this package's classes (`dynamic_llava.hub.loading.load_local`: no remote code runs, and a
-  folder without code files loads too).
+- `pretrained`: a Dynamic-LLaVA folder of any supported base (`save_pretrained`, `dynamic-llava export` / `convert`
+  / `init` / `train` output) or a Hub id; its chat template renders the requests' messages. It is loaded with this
+  package's classes (`dynamic_llava.hub.loading.load_local`: no remote code runs, and a folder without code files
+  loads too).
 - `dtype`: `auto` (default: the stored dtype), `float32`, `bfloat16`, `float16`.
 - `device`: `cpu`, `cuda`, `cuda:N` (also `--device`; default cuda when available, else cpu).
 - every per-call sparsity field of `generate()` (`sparse_settings.SparsityKwargs`: `vision_keep_tokens=K` or
@@ -195,20 +196,16 @@ class DynamicLlava(lmms):
         model, processor = load_local(resolve_model(str(pretrained)), dtype=torch_dtype)
         if processor is None:
             raise ValueError(f"dynamic_llava: {pretrained} has no tokenizer/processor files")
-        if model.config.model_type != "dynamic_llava":
-            raise ValueError(
-                f"dynamic_llava: {pretrained} is a {model.config.model_type} model; this lmms-eval model reads "
-                "LLaVA-1.5 folders (fixed image token counts) only so far. Evaluate other bases with lmms-eval's "
-                "generic model paths on the folder (trust_remote_code), which run its generate()."
-            )
         self._model = model.to(self._device).eval()
         self._config = self._model.config
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"  # batched generation
-        # fail here, not after the data is loaded: the settings are checked as generate() checks them
+        # fail here, not after the data is loaded: the settings are checked as generate() checks them (a count
+        # against LLaVA-1.5's fixed tokens per image; other bases check it per image, in generate())
         settings = self._config.sparsity_settings(**self.generate_sparsity)
-        self.tokens_per_image = int(self._config.image_seq_length)
-        settings.image_keep_count(self.tokens_per_image)
+        if self._config.model_type == "dynamic_llava":
+            settings.image_keep_count(int(self._config.image_seq_length))
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
 
     # ---- lmms properties ---------------------------------------------------------------------------------------
 
@@ -339,9 +336,10 @@ class DynamicLlava(lmms):
                     n_out = sum(1 for token in ids[:end] if token != pad)
                     vision = list(report["vision_tokens_kept"][row])
                     task, doc_id = self._doc_key(requests[i])
+                    image_tokens = int((inputs["input_ids"][row] == self.image_token_id).sum())  # all its images'
                     _SPARSITY[(task, doc_id)] = {
                         "vision_tokens_kept": vision,
-                        "image_tokens": self.tokens_per_image * len(vision),
+                        "image_tokens": image_tokens,
                         "output_text_kept": report["output_text_kept"][row],
                         "output_text_scored": report["output_text_scored"][row],
                         "kv_stored_bytes_share": report["stored_bytes"] / rows,
@@ -350,7 +348,7 @@ class DynamicLlava(lmms):
                     }
                     totals["images"] += len(vision)
                     totals["vision_kept"] += sum(vision)
-                    totals["vision_tokens"] += self.tokens_per_image * len(vision)
+                    totals["vision_tokens"] += image_tokens
                     totals["text_kept"] += report["output_text_kept"][row]
                     totals["text_scored"] += report["output_text_scored"][row]
                     totals["gen_tokens"] += n_out

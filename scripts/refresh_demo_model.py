@@ -1,7 +1,8 @@
-"""Re-export the embedded demo model after a change to a remote-code file (tests/test_hub.py fails until then).
+"""Re-export the embedded demo models after a change to a remote-code file (tests/test_hub.py fails until then).
 
-The weights are not touched: the folder is exported again (with transformers 4.57, whose processor and tokenizer
-files both majors read) so that its copies of the remote-code files, its auto_maps and its card are current.
+The weights are not touched: each folder (LLaVA-1.5's `synthetic/demo_model`, Qwen2.5-VL's
+`synthetic/demo_model_qwen2_5_vl`) is exported again (with transformers 4.57, whose processor and tokenizer files
+both majors read) so that its copies of the remote-code files, its auto_maps and its card are current.
 
     python scripts/refresh_demo_model.py      # with transformers 4.57.x installed, from the repository root
 """
@@ -15,10 +16,10 @@ from pathlib import Path
 import transformers
 
 from dynamic_llava.hub.export import export_model
-from dynamic_llava.package_data import DEMO_MODEL
-from dynamic_llava.synthetic.train import SYNTHETIC_ABOUT
+from dynamic_llava.package_data import DEMO_MODELS
+from dynamic_llava.synthetic.bases import synthetic_base
 
-RESULTS = """Measured on 500 held-out questions (seed 1; the training stream never contains them) with
+LLAVA_RESULTS = """Measured on 500 held-out questions (seed 1; the training stream never contains them) with
 `dynamic-llava evaluate --task synthetic --n 500 --seed 1` plus the options in the first column (transformers
 5.24.0 and 4.57.6 give the same numbers; answers are 60 words, judged on their first words). Object-patch recall
 is the share of the image patches covering the object that the image predictor kept.
@@ -36,17 +37,26 @@ Trained with `dynamic-llava train-synthetic --out DIR` (seed 0, defaults: vision
 steps, batch 16): 27 min 49 s on a 2-core CPU, transformers 5.24, torch 2.13."""
 
 
+QWEN_RESULTS = """QWEN_RESULTS_PENDING"""
+
+# base -> (its card's measured results, the Hub repo id the card names)
+CARDS = {
+    "llava": (LLAVA_RESULTS, "dynamic-llava/synthetic-demo"),
+    "qwen2_5_vl": (QWEN_RESULTS, "dynamic-llava/synthetic-demo-qwen2_5_vl"),
+}
+
+
 def main() -> None:
     if not transformers.__version__.startswith("4.57"):
         raise SystemExit(f"run this with transformers 4.57.x (installed: {transformers.__version__})")
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp) / "demo_model"
-        export_model(
-            str(DEMO_MODEL), fresh, about=SYNTHETIC_ABOUT, results=RESULTS, repo_id="dynamic-llava/synthetic-demo"
-        )
-        for path in fresh.iterdir():
-            shutil.copyfile(path, DEMO_MODEL / path.name)
-    print(f"refreshed {DEMO_MODEL}")
+    for base, folder in DEMO_MODELS.items():
+        results, repo_id = CARDS[base]
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = Path(tmp) / folder.name
+            export_model(str(folder), fresh, about=synthetic_base(base).about, results=results, repo_id=repo_id)
+            for path in fresh.iterdir():
+                shutil.copyfile(path, folder / path.name)
+        print(f"refreshed {folder}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from ..processor import DynamicLlavaProcessor
 from ..sparse_cache import DynamicLlavaCache, cache_from_output
 from ..sparsity_options import sparsity_request
 from . import IMAGE_SIZE, PATCH
+from .bases import TOKENS_PER_IMAGE, synthetic_base
 from .task import is_correct, make_sample, object_patches, prompt_inputs, sample_rng
 
 __all__ = ["evaluate_synthetic", "first_image_kept"]
@@ -57,14 +58,14 @@ def evaluate_synthetic(
     # validated up front, as generate() would (one clear ValueError before any question runs)
     settings = model.config.sparsity_settings(**sparsity)
     kwargs = {"do_sample": False, **(generate_kwargs or {}), **sparsity}
-    config = model.config
+    image = synthetic_base(model.config.model_type).image_placeholder
     tokenizer = processor.tokenizer
     correct = kept_text = scored_text = covered = object_total = kept_vision = vision_total = 0
     bar = logging.tqdm(total=n, unit="question", desc="evaluate", disable=not progress, leave=False)
     try:
         for first in range(0, n, batch_size):
             samples = [make_sample(sample_rng(seed, i), IMAGE_SIZE) for i in range(first, min(n, first + batch_size))]
-            inputs = prompt_inputs(processor, samples).to(model.device)
+            inputs = prompt_inputs(processor, samples, image=image).to(model.device)
             if torch.is_floating_point(inputs["pixel_values"]):
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.no_grad():
@@ -78,7 +79,7 @@ def evaluate_synthetic(
                 covered += len(kept & set(patches))
                 object_total += len(patches)
                 kept_vision += len(kept)
-                vision_total += config.image_seq_length
+                vision_total += TOKENS_PER_IMAGE
                 decisions = cache.output_text_keep[row]
                 kept_text += int(decisions.sum())
                 scored_text += decisions.numel()

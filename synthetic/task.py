@@ -275,9 +275,10 @@ def tokenize_words(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
-def vicuna_prompt(question: str, answer_text: str | None = None) -> str:
-    """The vicuna_v1 prompt for one image turn (as the package's processor renders it), optionally answered."""
-    prompt = f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+def vicuna_prompt(question: str, answer_text: str | None = None, image: str = IMAGE_TOKEN) -> str:
+    """The vicuna_v1 prompt for one image turn (as the package's processor renders it), optionally answered;
+    `image`: the base's image placeholder."""
+    prompt = f"{VICUNA_V1_SYSTEM} USER: {image}\n{question} ASSISTANT:"
     return prompt if answer_text is None else f"{prompt} {answer_text}</s>"
 
 
@@ -296,10 +297,11 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(extra_special_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """A word-level `PreTrainedTokenizerFast` over `vocabulary()`, built locally.
 
-    Ids: `<unk>` = 0, `<s>` = 1, `</s>` = 2, the words, then `<image>` and `<pad>`. Encoding adds `<s>` in front;
+    Ids: `<unk>` = 0, `<s>` = 1, `</s>` = 2, the words, then `<image>`, `<pad>` and `extra_special_tokens` (a base's
+    own image tokens). Encoding adds `<s>` in front;
     `padding_side` is "left" (for generation); `model_input_names` is ["input_ids", "attention_mask"].
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
@@ -317,9 +319,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", vocab["<s>"])]
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies " ." etc.
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", IMAGE_TOKEN, PAD_TOKEN)]
-    )
+    specials = ("<unk>", "<s>", "</s>", IMAGE_TOKEN, PAD_TOKEN, *extra_special_tokens)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -349,12 +350,15 @@ def sample_conversation(sample: dict[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def prompt_inputs(processor: DynamicLlavaProcessor, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Left-padded model inputs asking each sample's question about its image (for generate)."""
+def prompt_inputs(
+    processor: DynamicLlavaProcessor, samples: list[dict[str, Any]], image: str = IMAGE_TOKEN
+) -> dict[str, Any]:
+    """Left-padded model inputs asking each sample's question about its image (for generate); `image`: the base's
+    image placeholder."""
     processor.tokenizer.padding_side = "left"
     return processor(
         images=[s["image"] for s in samples],
-        text=[vicuna_prompt(s["question"]) for s in samples],
+        text=[vicuna_prompt(s["question"], image=image) for s in samples],
         return_tensors="pt",
         padding=True,
     )

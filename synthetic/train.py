@@ -27,16 +27,15 @@ from transformers.utils import logging
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..files import atomic_output_dir
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
-from ..processor import DynamicLlavaImageProcessor, DynamicLlavaProcessor
+from ..processor import DynamicLlavaProcessor
 from ..sparse_training import predictor_parameter_groups, temperature
 from ..training.calibration import calibrate_output_text_bias
-from ..training.data import collate, encode_conversation
 from . import IMAGE_SIZE, PATCH
+from .bases import SyntheticLlava, synthetic_base
 from .task import (
     COLOURS,
     POSITIONS,
     SHAPES,
-    build_tokenizer,
     make_sample,
     object_patches,
     prompt_inputs,
@@ -48,63 +47,18 @@ logger = logging.get_logger(__name__)
 
 
 def synthetic_processor() -> DynamicLlavaProcessor:
-    """The processor of the synthetic task: its word-level tokenizer, 64 x 64 images, 8 x 8 patches."""
-    tokenizer = build_tokenizer()
-    image_processor = DynamicLlavaImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    return DynamicLlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH)
+    """The processor of the synthetic task on LLaVA-1.5: its word-level tokenizer, 64 x 64 images, 8 x 8 patches."""
+    return SyntheticLlava().processor()
 
 
 def synthetic_config(tokenizer: Any, vision_hidden: int = 128, vision_layers: int = 4) -> DynamicLlavaConfig:
-    """The demo model's config: a 4-layer, hidden-128 Llama and a 4-layer CLIP tower on 64 x 64 images."""
-    vocab = int(math.ceil(len(tokenizer) / 64) * 64)
-    return DynamicLlavaConfig(
-        text_config=dict(
-            model_type="llama",
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=vocab,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH,
-            projection_dim=vision_hidden,
-        ),
-        vision_feature_layer=-1,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        sparse_layer=2,
-        vision_keep_rate=0.2,
-        output_text_keep_rate=0.5,
-        output_text_len_for_training=50,
-        predictor_d_model=32,
-        predictor_nhead=2,
-        predictor_dim_feedforward=64,
-        predictor_num_layers=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    """The LLaVA demo model's config: a 4-layer, hidden-128 Llama and a 4-layer CLIP tower on 64 x 64 images."""
+    return SyntheticLlava().config(tokenizer, vision_hidden, vision_layers)
 
 
-def encode_sample(
-    sample: dict[str, Any], processor: DynamicLlavaProcessor, image_seq_length: int
-) -> dict[str, torch.Tensor]:
-    """A training item: vicuna_v1 ids with labels on the answer, and the image's pixel values."""
-    ids, labels = encode_conversation(processor.tokenizer, sample_conversation(sample), image_seq_length)
-    pixels = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+def encode_sample(sample: dict[str, Any], processor: Any, base: Any = None) -> dict[str, torch.Tensor]:
+    """A training item of `base` (`synthetic.bases`; default LLaVA-1.5): ids with labels on the answer, pixels."""
+    return (base or SyntheticLlava()).encode(sample, processor)
 
 
 def write_synthetic_dataset(
@@ -136,17 +90,14 @@ def write_synthetic_dataset(
     return Path(out)
 
 
-def _batches(
-    processor: DynamicLlavaProcessor, config: DynamicLlavaConfig, seed: int, batch_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(base: Any, processor: Any, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     index = 0
     while True:
         items = [
-            encode_sample(make_sample(sample_rng(seed, index + i), IMAGE_SIZE), processor, config.image_seq_length)
-            for i in range(batch_size)
+            base.encode(make_sample(sample_rng(seed, index + i), IMAGE_SIZE), processor) for i in range(batch_size)
         ]
         index += batch_size
-        yield collate(items, pad_token_id=processor.tokenizer.pad_token_id)
+        yield base.collate(items, pad_token_id=processor.tokenizer.pad_token_id)
 
 
 def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -168,20 +119,22 @@ def pretrain_vision_tower(
     batch_size: int = 32,
     seed: int = 0,
     lr: float = 2e-3,
+    base: Any = None,
 ) -> None:
     """Phase 0: train `model`'s vision tower to tell kind, colour and position from each patch covering the object,
     and to keep every other patch blind to the object.
 
-    Three linear heads (discarded afterwards) read the features the projector will see (`vision_feature_layer`,
-    without the class token) at the object's patches only: (sum of object patches over the batch, hidden) -> logits.
+    Three linear heads (discarded afterwards) read the image features of `base` (`synthetic.bases`, default
+    LLaVA-1.5: the features the projector will see, `vision_feature_layer` without the class token; Qwen2.5-VL: the
+    merged tokens) at the object's patches only: (sum of object patches over the batch, hidden) -> logits.
     A locality term pulls the features of the patches outside the object's box towards the features of the same
     image without the object (relative squared error, the object-free side detached): without it the tower's global
     attention copies the object into the background patches, the language model reads it there, and the image
     predictor has no reason to keep the object. Samples come from their own stream (seed + 99991).
     """
-    tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
-    hidden = tower.config.hidden_size
+    base = base or SyntheticLlava()
+    tower = base.vision_tower(model)
+    hidden = base.feature_size(model)
     heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in (len(SHAPES), len(COLOURS), len(POSITIONS)))
     colours = sorted(COLOURS)
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
@@ -193,13 +146,9 @@ def pretrain_vision_tower(
             make_sample(sample_rng(seed + 99991, step * batch_size + i), IMAGE_SIZE, with_background=True)
             for i in range(batch_size)
         ]
-        pixels = processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
-        features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # no class token
+        features = base.image_features(model, processor, [s["image"] for s in samples])
         with torch.no_grad():
-            empty = processor.image_processor([s["background_image"] for s in samples], return_tensors="pt")[
-                "pixel_values"
-            ]
-            empty = tower(pixel_values=empty, output_hidden_states=True).hidden_states[layer][:, 1:]
+            empty = base.image_features(model, processor, [s["background_image"] for s in samples])
         rows, patches = [], []
         outside = torch.ones(features.shape[:2], dtype=torch.bool)
         for row, sample in enumerate(samples):
@@ -230,12 +179,7 @@ def pretrain_vision_tower(
             )
 
 
-SYNTHETIC_ABOUT = """A small Dynamic-LLaVA trained from scratch by `dynamic-llava train-synthetic` on the
-package's synthetic shapes task: 64 x 64 images holding one shape (circle, square, triangle or cross) in one of
-eight colours, in one cell of a 3 x 3 grid on a textured background; it answers questions about the shape's colour,
-kind and position with a 60-word answer. A 4-layer, hidden-128 LLaMA language model, a 4-layer CLIP tower and the
-two predictors (1.3 M parameters). It knows nothing else: it is a demonstration of the method, not a general
-model."""
+SYNTHETIC_ABOUT = SyntheticLlava.about
 
 
 def train_synthetic(
@@ -245,27 +189,30 @@ def train_synthetic(
     batch_size: int = 16,
     seed: int = 0,
     calibration_samples: int = 100,
-) -> Path:
+    base: str = "llava",
+) -> tuple[Any, Any]:
     """
-    Train from scratch (seeded, reproducible on one machine). Returns `(model, processor)` in eval mode;
-    `dynamic-llava train-synthetic` exports them (`hub.export.export_model`, with `SYNTHETIC_ABOUT` on the card).
+    Train from scratch (seeded, reproducible on one machine) on `base` (`llava` or `qwen2_5_vl`, see
+    `synthetic.bases`). Returns `(model, processor)` in eval mode; `dynamic-llava train-synthetic` exports them
+    (`hub.export.export_model`, with the base's `about` text on the card).
     """
+    entry = synthetic_base(base)
     torch.manual_seed(seed)
-    processor = synthetic_processor()
-    config = synthetic_config(processor.tokenizer)
-    model = DynamicLlavaForConditionalGeneration(config)
+    processor = entry.processor()
+    config = entry.config(processor.tokenizer)
+    model = entry.model_class()(config)
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = 2
-    batches = _batches(processor, config, seed, batch_size)
+    batches = _batches(entry, processor, seed, batch_size)
     start = time.time()
 
     # phase 0: the vision tower alone
-    pretrain_vision_tower(model, processor, vision_steps, seed=seed)
+    pretrain_vision_tower(model, processor, vision_steps, batch_size=entry.vision_batch_size, seed=seed, base=entry)
 
     # phase 1: dense, the language model and projector learn the task; the pretrained tower stays frozen from here on
     config.use_vision_predictor = config.use_output_text_predictor = False
     model.train()
-    model.model.vision_tower.requires_grad_(False)
+    entry.vision_tower(model).requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     schedule = _cosine(optimizer, dense_steps, warmup=0.05)
     for step in range(dense_steps):
@@ -306,7 +253,10 @@ def train_synthetic(
     # phase 3: calibrate the output-text threshold on fresh prompts of the training stream
     first = (dense_steps + sparse_steps) * batch_size
     keep = calibrate_output_text_threshold(
-        model, processor, [make_sample(sample_rng(seed, first + i), IMAGE_SIZE) for i in range(calibration_samples)]
+        model,
+        processor,
+        [make_sample(sample_rng(seed, first + i), IMAGE_SIZE) for i in range(calibration_samples)],
+        image=entry.image_placeholder,
     )
     logger.info(
         f"[calibrate] output-text keep rate {keep:.3f} on {calibration_samples} training-stream prompts "
@@ -320,6 +270,7 @@ def calibrate_output_text_threshold(
     processor: DynamicLlavaProcessor,
     samples: list[dict[str, Any]],
     max_new_tokens: int = 64,
+    image: str = "<image>",
 ) -> float:
     """
     Shift the output-text predictor's keep/drop bias so that greedy answers to `samples` keep
@@ -330,7 +281,7 @@ def calibrate_output_text_threshold(
     with torch.no_grad():
         return calibrate_output_text_bias(
             model,
-            prompt_inputs(processor, samples),
+            prompt_inputs(processor, samples, image=image),
             max_new_tokens=max_new_tokens,
             keep_rate=model.config.output_text_keep_rate,
         )

@@ -253,6 +253,59 @@ def test_predictor_only_training_runs_on_each_base(base, tmp_path):
     assert any("image_score_predictor" in k for k in moved) and any("output_text_score_predictor" in k for k in moved)
 
 
+def test_the_train_command_trains_an_init_folder_of_each_base_on_llava_conversation_data(base, tmp_path, capsys):
+    """`dynamic-llava init` then `dynamic-llava train --freeze-llm --freeze-projector` on LLaVA-format JSON: the
+    base's chat template and processor make the items (labels on the answers), the predictors move and nothing else,
+    and the folder it exports uses them (the untrained settings replaced)."""
+    from dynamic_llava.cli import main
+
+    _, _, _, _, folder = base
+    (tmp_path / "images").mkdir()
+    answer = " ".join(["it is a noisy picture with many colours"] * 3)
+    records = []
+    for i, (height, width) in enumerate([(90, 60), (56, 112), (112, 112)]):
+        _noise(height, width, i).save(tmp_path / "images" / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": answer}]
+        if i == 2:  # two rounds
+            turns += [{"from": "human", "value": "and then?"}, {"from": "gpt", "value": "nothing more"}]
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    args = ["train", "--data", str(tmp_path / "data.json"), "--images", str(tmp_path / "images"), "--model",
+            str(folder), "--out", str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "2", "--freeze-llm",
+            "--freeze-projector", "--predictor-lr", "1e-2", "--logging-steps", "1", "--save-steps", "100"]  # fmt: skip
+    before, _ = load_local(folder)
+    before.config.output_text_len_for_training = 4
+    assert main(args) == 0
+    trained, _ = load_local(tmp_path / "out" / "model")
+    assert trained.config.image_scorer == "predictor" and trained.config.use_output_text_predictor
+    old, new = before.state_dict(), trained.state_dict()
+    moved = {k for k in old if not torch.equal(old[k], new[k])}
+    assert moved and all("score_predictor" in k for k in moved)
+    assert any("image_score_predictor" in k for k in moved)
+
+
+def test_an_exported_folder_loads_every_weight_it_holds_on_each_base(base, tmp_path):
+    """Trained weights survive export and loading (4.57's Qwen2.5-VL key mapping would otherwise move the
+    predictors' `model.*` keys into the language model and leave fresh predictors), and so do the rotary settings."""
+    from dynamic_llava.hub.export import export_model
+
+    _, _, processor, _, folder = base
+    model, loaded_processor = load_local(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "score_predictor" in name:
+                param.add_(torch.randn_like(param))  # not what a fresh init gives
+    export_model(model, tmp_path / "trained", processor=loaded_processor)
+    again, _ = load_local(tmp_path / "trained")
+    theirs = again.state_dict()
+    assert sorted(theirs) == sorted(model.state_dict())
+    assert all(torch.equal(value, theirs[key]) for key, value in model.state_dict().items())
+    text, text_again = model.config.get_text_config(decoder=True), again.config.get_text_config(decoder=True)
+    for field in ("rope_scaling", "rope_parameters", "rope_theta"):
+        assert getattr(text_again, field, None) == getattr(text, field, None), field
+
+
 def test_static_cache_equals_the_dynamic_one_on_each_base(base):
     """`cache_implementation="static"` (preallocated, the one compiled decoding uses) gives the dynamic cache's tokens,
     kept image tokens and stored lengths."""

@@ -101,3 +101,41 @@ def test_bad_files(folder, tiny_processor):
         LlavaConversationDataset(folder / "broken.json", folder, tiny_processor, image_seq_length=16)
     (folder / "ok.json").write_text(json.dumps([sample()]))
     assert len(LlavaConversationDataset(folder / "ok.json", folder, tiny_processor, image_seq_length=16)) == 1
+
+
+def test_another_base_trains_on_its_own_chat_template_with_labels_on_each_answer_and_end_of_turn(folder):
+    """Qwen2.5-VL's items: the stock chat template (default system turn, `<|im_start|>` turns), the image expanded by
+    the processor, labels on exactly what each assistant turn adds (its answer, `<|im_end|>` and the newline)."""
+    from dynamic_llava.training.data import collate_chat
+
+    from fixtures.bases import QWEN_IMAGE_TOKEN_ID, tiny_qwen2_5_vl_processor
+
+    processor = tiny_qwen2_5_vl_processor()
+    data = LlavaConversationDataset([sample(), sample(id="s2")], folder, processor, image_seq_length=None)
+    item = data[0]
+    tokenizer = processor.tokenizer
+    text = tokenizer.decode(item["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    answers, run = [], []
+    for token, label in zip(item["input_ids"].tolist(), item["labels"].tolist(), strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            run.append(token)
+        elif run:
+            answers.append(tokenizer.decode(run))
+            run = []
+    if run:
+        answers.append(tokenizer.decode(run))
+    assert answers == ["w7 w8 w9<|im_end|>\n", "w11<|im_end|>\n"]
+    grid = item["image_grid_thw"]
+    assert int((item["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum()) == int(grid.prod()) // 4
+    batch = collate_chat([data[0], data[1]], pad_token_id=0)
+    assert batch["pixel_values"].shape[0] == 2 * int(grid.prod()) and batch["image_grid_thw"].shape == (2, 3)
+
+
+def test_a_chat_template_item_cut_inside_its_image_is_refused(folder):
+    from fixtures.bases import tiny_qwen2_5_vl_processor
+
+    data = LlavaConversationDataset([sample()], folder, tiny_qwen2_5_vl_processor(), None, max_length=22)
+    with pytest.raises(DataError, match="cuts into the image"):
+        data[0]

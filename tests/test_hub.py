@@ -140,46 +140,57 @@ def test_sharded_export_loads_back(exported, tmp_path):
 # ---- the folder the package ships: the embedded demo model -----------------------------------------------------------
 
 
-def test_shipped_demo_folder_is_a_complete_current_hub_folder():
-    """Every folder the package ships loads with the stock Auto classes: the demo folder holds the remote code, and
-    that code is today's (after changing a remote-code file: `python scripts/refresh_demo_model.py` under 4.57)."""
-    from dynamic_llava.hub.folder import CODE_FILES
-    from dynamic_llava.package_data import DEMO_MODEL
+@pytest.mark.parametrize("base", ["llava", "qwen2_5_vl"])
+def test_shipped_demo_folder_is_a_complete_current_hub_folder(base):
+    """Every folder the package ships loads with the stock Auto classes: each demo folder holds its base's remote
+    code, and that code is today's (after changing a remote-code file: `python scripts/refresh_demo_model.py` under
+    4.57)."""
+    from dynamic_llava.hub.bases import BASES
+    from dynamic_llava.hub.folder import folder_code_files
+    from dynamic_llava.package_data import DEMO_MODELS
 
-    for name, source in CODE_FILES.items():
-        shipped = DEMO_MODEL / name
-        assert shipped.is_file(), f"{name} is missing from the demo folder"
+    folder = DEMO_MODELS[base]
+    for name, source in folder_code_files(BASES[base]).items():
+        shipped = folder / name
+        assert shipped.is_file(), f"{name} is missing from {folder}"
         assert shipped.read_bytes() == source.read_bytes(), (
-            f"{name} in the demo folder is stale: run scripts/refresh_demo_model.py"
+            f"{name} in {folder} is stale: run scripts/refresh_demo_model.py"
         )
-    config = json.loads((DEMO_MODEL / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_dynamic_llava.")
-    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        assert "AutoProcessor" in json.loads((DEMO_MODEL / name).read_text()).get("auto_map", {}), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == BASES[base].auto_map
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        assert "AutoProcessor" in json.loads((folder / name).read_text()).get("auto_map", {}), name
 
 
 @pytest.mark.slow
-def test_shipped_demo_folder_loads_with_the_stock_auto_classes_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("base", ["llava", "qwen2_5_vl"])
+def test_shipped_demo_folder_loads_with_the_stock_auto_classes_in_a_fresh_process(tmp_path, base):
+    """Each demo folder alone (this package not importable): the stock Auto classes load it from its remote code and
+    answer as the package's own loader does, token for token."""
     import random
 
-    from dynamic_llava.hub.loading import load_for_eval
-    from dynamic_llava.package_data import DEMO_MODEL
+    from dynamic_llava.hub.bases import BASES
+    from dynamic_llava.hub.loading import load_local
+    from dynamic_llava.package_data import DEMO_MODELS
     from dynamic_llava.synthetic import IMAGE_SIZE
+    from dynamic_llava.synthetic.bases import synthetic_base
     from dynamic_llava.synthetic.task import make_sample, vicuna_prompt
 
+    folder = DEMO_MODELS[base]
     sample = make_sample(random.Random(3), IMAGE_SIZE)
     sample["image"].save(tmp_path / "shape.png")
+    prompt = vicuna_prompt(sample["question"], image=synthetic_base(base).image_placeholder)
     script = tmp_path / "load.py"
     script.write_text(
         "import json, sys\n"
         "sys.modules['dynamic_llava'] = None\n"
         "from PIL import Image\n"
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
-        f"folder, image = {str(DEMO_MODEL)!r}, {str(tmp_path / 'shape.png')!r}\n"
-        f"prompt = {vicuna_prompt(sample['question'])!r}\n"
+        f"folder, image = {str(folder)!r}, {str(tmp_path / 'shape.png')!r}\n"
+        f"prompt = {prompt!r}\n"
         "processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)\n"
         "model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)\n"
-        "inputs = processor(images=Image.open(image), text=prompt, return_tensors='pt')\n"
+        "inputs = processor(images=[Image.open(image)], text=[prompt], return_tensors='pt')\n"
         "out = model.generate(**inputs, max_new_tokens=12, do_sample=False)\n"
         "print('RESULT ' + json.dumps([type(processor).__name__, out[0, inputs['input_ids'].shape[1]:].tolist()]))\n"
     )
@@ -190,9 +201,9 @@ def test_shipped_demo_folder_loads_with_the_stock_auto_classes_in_a_fresh_proces
     )
     assert run.returncode == 0, run.stderr[-3000:]
     processor_class, tokens = json.loads(run.stdout.split("RESULT ", 1)[1])
-    assert processor_class == "DynamicLlavaProcessor"
-    model, processor = load_for_eval(None)
-    inputs = processor(images=sample["image"], text=vicuna_prompt(sample["question"]), return_tensors="pt")
+    assert processor_class == BASES[base].processor_class
+    model, processor = load_local(folder)
+    inputs = processor(images=[sample["image"]], text=[prompt], return_tensors="pt")
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert tokens == expected[0, inputs["input_ids"].shape[1] :].tolist()

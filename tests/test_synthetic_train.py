@@ -12,7 +12,8 @@ from fixtures.tiny import tiny_inputs, tiny_model
 
 
 @pytest.mark.slow
-def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
+@pytest.mark.parametrize("base", ["llava", "qwen2_5_vl"])
+def test_train_synthetic_exports_and_evaluates(tmp_path, capsys, base):
     from safetensors.torch import load_file
 
     out, again = tmp_path / "model", tmp_path / "again"
@@ -21,6 +22,8 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
             main(
                 [
                     "train-synthetic",
+                    "--base",
+                    base,
                     "--out",
                     str(folder),
                     "--vision-steps",
@@ -38,6 +41,7 @@ def test_train_synthetic_exports_and_evaluates(tmp_path, capsys):
             == 0
         )
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == f"dynamic_{base}"
     log = capsys.readouterr().err  # progress: the library's logger, to stderr under the command
     for phase in ("[vision ", "[dense ", "[sparse ", "[calibrate] output-text keep rate"):
         assert phase in log

@@ -47,3 +47,36 @@ def test_the_warmup_share_goes_in_the_field_training_arguments_have():
 def test_a_layers_output_is_its_hidden_states_tuple_or_not():
     hidden = torch.zeros(1, 2, 3)
     assert compat.layer_output(hidden) is hidden and compat.layer_output((hidden, None)) is hidden
+
+
+def test_rotary_fields_4_57_reads_are_added_to_a_5x_config_once():
+    written_by_5x = {"rope_parameters": {"rope_type": "default", "type": "mrope", "mrope_section": [4, 6, 6],
+                                         "rope_theta": 10000.0}}  # fmt: skip
+    fields = compat.legacy_rope_fields(written_by_5x)
+    assert fields == {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "default", "type": "mrope",
+                                                               "mrope_section": [4, 6, 6]}}  # fmt: skip
+    assert compat.legacy_rope_fields({**written_by_5x, **fields}) == {}  # already readable: nothing more
+    plain = {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    assert compat.legacy_rope_fields(plain) == {"rope_theta": 5e5}  # the default rope needs no rope_scaling
+    assert compat.legacy_rope_fields({"rope_theta": 1e4, "rope_scaling": None}) == {}  # written by 4.57
+
+
+def test_the_predictors_keys_are_left_where_they_are_by_a_base_key_mapping():
+    import re
+
+    mapping = compat.predictor_keys_kept(
+        {"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"},
+        ["image_score_predictor", "output_text_score_predictor"],
+    )
+
+    def load(key):  # as 4.57's from_pretrained applies a key mapping: the first pattern that matches
+        for pattern, replacement in mapping.items():
+            new, n = re.subn(pattern, replacement, key)
+            if n:
+                return new
+        return key
+
+    assert load("model.image_score_predictor.output_mlp.0.weight") == "model.image_score_predictor.output_mlp.0.weight"
+    assert load("model.output_text_score_predictor.x") == "model.output_text_score_predictor.x"
+    assert load("model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+    assert compat.predictor_keys_kept(None, ["image_score_predictor"]) == {}

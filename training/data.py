@@ -1,10 +1,15 @@
-"""LLaVA conversation data for training: the JSON format of LLaVA-1.5's mix665k, the vicuna_v1 template, labels on
-the assistant answers only.
+"""LLaVA conversation data for training: the JSON format of LLaVA-1.5's mix665k, labels on the assistant answers only.
 
 A sample: `{"id": ..., "image": "file.png", "conversations": [{"from": "human", "value": "<image>\\nQ"},
-{"from": "gpt", "value": "A"}, ...]}`. The prompt is vicuna_v1 (the processor's chat template):
-`SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`. Segments are tokenized one by one so the
-answer spans are known exactly; labels are -100 everywhere but on the answers and their `</s>`.
+{"from": "gpt", "value": "A"}, ...]}`, for every base:
+
+* LLaVA-1.5 (`image_seq_length` given): the vicuna_v1 prompt, as the original trains,
+  `SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>`. Segments are tokenized one by one so the
+  answer spans are known exactly; labels are -100 everywhere but on the answers and their `</s>`.
+* other bases (`image_seq_length=None`, `encode_with_chat_template`): the conversation as chat messages in the
+  base's own chat template (the one its processor ships), the image an image item where `<image>` stood; the
+  processor expands the image into its tokens (per image: LLaVA-NeXT's tiles, Qwen2.5-VL's grid) and the labels
+  cover what each assistant turn adds to the rendered text (its answer and end-of-turn tokens).
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     Args:
         data: path of the JSON list, or the list itself.
         image_folder: where the samples' `image` files are.
-        processor: a `DynamicLlavaProcessor` (its tokenizer knows `<image>`; its image processor pads to square).
-        image_seq_length: tokens per image (`config.image_seq_length`).
+        processor: the folder's processor (LLaVA-1.5: a `DynamicLlavaProcessor`, its tokenizer knows `<image>`).
+        image_seq_length: LLaVA-1.5's tokens per image (`config.image_seq_length`); None for another base (its
+            chat template and processor, `encode_with_chat_template`).
         max_length: samples longer than this are cut (labels too).
     Every sample is checked when the dataset is built: bad ones raise `DataError` naming the sample.
     """
@@ -47,7 +53,7 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         data: str | os.PathLike | list[dict[str, Any]],
         image_folder: str | os.PathLike | None,
         processor: DynamicLlavaProcessor,
-        image_seq_length: int,
+        image_seq_length: int | None,
         max_length: int = 2048,
     ) -> None:
         if isinstance(data, (str, Path)):
@@ -66,7 +72,9 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         self.tokenizer = processor.tokenizer
         self.image_seq_length = image_seq_length
         self.max_length = max_length
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE)
+        self.image_token_id = (
+            self.tokenizer.convert_tokens_to_ids(IMAGE) if image_seq_length is not None else processor.image_token_id
+        )
         for index, sample in enumerate(self.samples):
             self._check(index, sample)
 
@@ -103,6 +111,8 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
+        if self.image_seq_length is None:
+            return self._chat_item(index, sample)
         input_ids, labels = encode_conversation(self.tokenizer, sample["conversations"], self.image_seq_length)
         input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
@@ -112,6 +122,84 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
             pixels = self.processor.image_processor(str(self.image_folder / sample["image"]), return_tensors="pt")
             item["pixel_values"] = pixels["pixel_values"][0]
         return item
+
+    def _chat_item(self, index: int, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = str(self.image_folder / sample["image"]) if "image" in sample else None
+        item = encode_with_chat_template(self.processor, sample["conversations"], image)
+        if item["input_ids"].numel() > self.max_length:
+            cut = item["input_ids"][: self.max_length]
+            if int((cut == self.image_token_id).sum()) != int((item["input_ids"] == self.image_token_id).sum()):
+                raise DataError(f"{self._name(index, sample)}: max_length {self.max_length} cuts into the image")
+            item["input_ids"], item["labels"] = cut, item["labels"][: self.max_length]
+        return item
+
+
+def chat_messages(turns: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """LLaVA turns as chat messages: `human` -> user (an image item first where `<image>` stood), `gpt` -> assistant."""
+    messages = []
+    for turn in turns:
+        text = turn["value"]
+        if turn["from"] == "human":
+            content = [{"type": "image"}] if IMAGE in text else []
+            content.append({"type": "text", "text": text.replace(IMAGE, "").strip()})
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": text.strip()}]})
+    return messages
+
+
+def encode_with_chat_template(
+    processor: Any, turns: list[dict[str, str]], image: Any = None
+) -> dict[str, torch.Tensor]:
+    """
+    One training item of a base other than LLaVA-1.5: the conversation rendered by the processor's chat template,
+    ids and image inputs from the processor (its own image expansion), labels on what each assistant turn adds.
+
+    Returns `input_ids` and `labels` `[seq]` (long; -100 off the answers) and the processor's image inputs for the
+    one image (Qwen2.5-VL: `pixel_values` `[patches, dim]`, `image_grid_thw` `[1, 3]`; LLaVA-NeXT: `pixel_values`
+    `[1, tiles, 3, side, side]`, `image_sizes` `[1, 2]`). A template whose rendering of a shorter conversation is
+    not a prefix of the longer one cannot give exact spans and is a `DataError`.
+    """
+    messages = chat_messages(turns)
+    images = [image] if image is not None else None
+
+    def ids_of(text: str) -> dict[str, Any]:
+        return processor(text=[text], images=images, return_tensors="pt")
+
+    spans, previous = [], ""
+    for end in range(2, len(messages) + 1, 2):
+        prompt = processor.apply_chat_template(messages[: end - 1], add_generation_prompt=True, tokenize=False)
+        answered = processor.apply_chat_template(messages[:end], tokenize=False)
+        if not (prompt.startswith(previous) and answered.startswith(prompt)):
+            raise DataError(
+                "the chat template does not render a conversation as a prefix of its continuation, so the answer "
+                "spans cannot be found: train this base with a template that appends turns (its stock one does)"
+            )
+        spans.append((prompt, answered))
+        previous = answered
+    encoded = ids_of(previous)
+    input_ids = encoded["input_ids"][0]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for prompt, answered in spans:
+        start, stop = (ids_of(text)["input_ids"].shape[1] for text in (prompt, answered))
+        if not torch.equal(ids_of(answered)["input_ids"][0], input_ids[:stop]):
+            raise DataError("the tokenizer merges tokens across a turn boundary: the answer spans are not exact")
+        labels[start:stop] = input_ids[start:stop]
+    image_inputs = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return {"input_ids": input_ids, "labels": labels, **image_inputs}
+
+
+def collate_chat(batch: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`collate`'s right-padded ids, with each image input concatenated over the rows' images in row order (the
+    processors' batch layout; LLaVA-NeXT's tiles padded with zeros to the most tiles, as its processor pads)."""
+    out = collate([{k: item[k] for k in ("input_ids", "labels")} for item in batch], pad_token_id=pad_token_id)
+    for key in sorted({k for item in batch for k in item} - {"input_ids", "labels"}):
+        parts = [item[key] for item in batch if key in item]
+        if key == "pixel_values" and parts[0].dim() == 5:  # [images, tiles, 3, side, side]
+            tiles = max(part.shape[1] for part in parts)
+            parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
 
 
 def encode_conversation(

@@ -15,12 +15,18 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
 
 from ..hub.export import export_model, full_state_dict
 from ..hub.loading import load_local
 from ..sparse_training import freeze_parts, parameter_groups, temperature
 from ..transformers_compat import trainer_warmup_kwargs
-from .data import LlavaConversationDataset, collate
+from .data import LlavaConversationDataset, collate, collate_chat
+
+logger = logging.get_logger(__name__)
+
+# what a folder must use to train the learned method (an `init` folder starts with the training-free scorer)
+LEARNED_SETTINGS = {"image_scorer": "predictor", "use_vision_predictor": True, "use_output_text_predictor": True}
 
 
 class GumbelTemperatureCallback(TrainerCallback):
@@ -66,6 +72,12 @@ class DynamicLlavaTrainer(Trainer):
         return self.optimizer
 
 
+def pad_token_id(processor: Any) -> int:
+    """The tokenizer's pad id (Qwen's `<|endoftext|>`, LLaVA's `<pad>`), else 0 (padding is masked either way)."""
+    pad = processor.tokenizer.pad_token_id
+    return 0 if pad is None else pad
+
+
 def train(
     data: str,
     images: str,
@@ -98,15 +110,19 @@ def train(
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     model, processor = load_local(model_dir, dtype=torch.float32)
-    if model.config.model_type != "dynamic_llava":
-        raise ValueError(
-            f"{model_dir} is a {model.config.model_type} model: `dynamic-llava train` reads LLaVA-1.5 conversation "
-            "data (one <image> of image_seq_length tokens) for LLaVA-1.5 folders only so far. Train another base "
-            "with `DynamicLlavaTrainer` (dynamic_llava.training.trainer) on batches from its own processor."
-        )
     if processor is None:
         raise ValueError(f"{model_dir} has no tokenizer/processor files; export it with its processor first")
-    dataset = LlavaConversationDataset(data, images, processor, model.config.image_seq_length, max_length)
+    changed = {k: v for k, v in LEARNED_SETTINGS.items() if getattr(model.config, k) != v}
+    if changed:
+        logger.warning(
+            f"{model_dir} does not use the learned predictors ({ {k: getattr(model.config, k) for k in changed} }, "
+            f"as `dynamic-llava init` writes): training and the exported folder use {changed}"
+        )
+        for key, value in changed.items():
+            setattr(model.config, key, value)
+    llava = model.config.model_type == "dynamic_llava"  # the original's vicuna_v1 data path; others: chat template
+    image_seq_length = model.config.image_seq_length if llava else None
+    dataset = LlavaConversationDataset(data, images, processor, image_seq_length, max_length)
     out = Path(out)
     checkpoints = out / "checkpoints"
     import transformers  # (looked up at call time: a caller may subclass or wrap TrainingArguments)
@@ -139,7 +155,7 @@ def train(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=functools.partial(collate, pad_token_id=processor.tokenizer.pad_token_id or 0),
+        data_collator=functools.partial(collate if llava else collate_chat, pad_token_id=pad_token_id(processor)),
         callbacks=[GumbelTemperatureCallback()],
         predictor_lr=predictor_lr,
     )
