@@ -324,6 +324,46 @@ def test_static_cache_equals_the_dynamic_one_on_each_base(base):
     assert torch.equal(cache.kept_lengths(), getattr(dynamic, CACHE_KEY).kept_lengths())
 
 
+@pytest.mark.slow
+def test_static_cache_decode_compiles_to_one_graph_with_the_eager_results_on_each_base(base):
+    """torch.compile(fullgraph=True) of the decode step with the static sparse cache (after an eager prefill with the
+    images): one graph, no graph break or recompile over 8 steps, and the eager tokens and kept lengths."""
+    from torch._dynamo.utils import counters
+
+    from dynamic_llava import DynamicLlavaStaticCache
+
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    batch = _batch(processor, image)
+    width = batch["input_ids"].shape[1]
+
+    def decode(forward, steps=8):
+        cache = DynamicLlavaStaticCache(model.config, max_cache_len=width + steps + 2)
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(**batch, position_ids=positions, output_text_start=width, vision_keep_tokens=3, cache=cache)
+            tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+            position = batch["attention_mask"].sum(-1, keepdim=True)
+            for _ in range(steps):
+                out = forward(input_ids=tokens[-1], position_ids=position, output_text_start=width, cache=cache)
+                tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+                position = position + 1
+        return torch.cat(tokens, dim=1), cache
+
+    eager_tokens, eager_cache = decode(model.forward)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        tokens, cache = decode(torch.compile(model.forward, fullgraph=True))
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert not counters["recompiles"], dict(counters["recompiles"])
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(tokens, eager_tokens)
+    assert torch.equal(cache.kept_lengths(), eager_cache.kept_lengths())
+
+
 def test_beam_search_with_sparsity_off_equals_stock_on_each_base(base):
     _, stock, processor, image, folder = base
     model, _ = load_local(folder)

@@ -43,3 +43,30 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "'vision_tokens_kept': [[12]]" in run.stdout  # the demo model's config: 12 of 64 per image
     assert "generated_text" in run.stdout
+
+
+def recipe_block() -> str:
+    text = README.read_text()
+    block = re.search(r"<!-- new-base-recipe -->\s*```bash\n(.*?)```\s*<!-- /new-base-recipe -->", text, re.S)
+    assert block, "README.md has no new-base recipe block"
+    return block.group(1)
+
+
+@pytest.mark.slow
+def test_readme_recipe_for_a_new_base_runs_as_written(tmp_path):
+    """The `init` + `train` recipe verbatim, in an empty folder (the repository's `scripts/` beside it, as in a
+    clone): the trained folder answers and reports what it kept."""
+    (tmp_path / "scripts").symlink_to(README.parent / "scripts")
+    bin_dir = str(Path(sys.executable).parent)  # `python` and `dynamic-llava` of this environment, as once activated
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=bin_dir + os.pathsep + os.environ["PATH"])
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", recipe_block()],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "[sparsity] vision tokens kept 2 (1 image(s))" in run.stdout
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
