@@ -7,6 +7,7 @@ a row in a batch what the row alone gives, and the same tokens with and without 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -26,6 +27,7 @@ from fixtures.bases import (
     tiny_qwen2_5_vl_processor,
 )
 
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 GREEDY = {"do_sample": False, "return_dict_in_generate": True, "output_logits": True}
 FOUR_LAYERS = {"text_config": {"num_hidden_layers": 4}}
 
@@ -362,6 +364,76 @@ def test_static_cache_decode_compiles_to_one_graph_with_the_eager_results_on_eac
         torch._dynamo.reset()
     assert torch.equal(tokens, eager_tokens)
     assert torch.equal(cache.kept_lengths(), eager_cache.kept_lengths())
+
+
+# the usual VLM quantization: vision tower and projector unquantized (root paths, which both majors match)
+UNQUANTIZED = {
+    "llava_next": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    "qwen2_5_vl": ["model.visual", "lm_head"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_BNB, reason='bitsandbytes is not installed (pip install -e ".[quant]")')
+def test_bitsandbytes_8bit_with_sparsity_off_equals_stock_on_each_base(base):
+    """Loaded in 8 bits, the Dynamic folder and the stock one give the same tokens with sparsity off; the predictors
+    stay float32 and unquantized, and with sparsity on each image keeps its K tokens."""
+    from transformers import BitsAndBytesConfig
+
+    name, stock, processor, image, folder = base
+    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED[name])
+    ours = BASES[name].load_model_class().from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
+    theirs = type(stock).from_pretrained(folder.parent / "stock", quantization_config=quant, dtype=torch.float32)
+    layer = ours.model.language_model.layers[0].mlp.up_proj
+    assert type(layer).__module__.startswith("bitsandbytes")
+    assert ours.model.image_score_predictor.output_mlp[0].weight.dtype == torch.float32
+    one = _rows(processor, image, [("<img> what is it?", [_noise(90, 60, 1)])])
+    a = ours.generate(**one, max_new_tokens=6, use_vision_predictor=False, do_sample=False)
+    b = theirs.generate(**one, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+    out = ours.generate(**_batch(processor, image), max_new_tokens=3, vision_keep_tokens=2, **GREEDY)
+    assert [[int(k.numel()) for k in row] for row in getattr(out, CACHE_KEY).kept_vision_indices] == [[2], [2, 2]]
+
+
+def _offload_map(model) -> dict[str, str]:
+    """A device map of every top-level part on the CPU but decoder layers 0 and `sparse_layer` on disk."""
+    sparse = model.config.sparse_layer
+    split = {f"model.{name}": "cpu" for name, _ in model.model.named_parameters(recurse=False)}  # (image_newline)
+    for name, child in model.model.named_children():
+        if name != "language_model":
+            split[f"model.{name}"] = "cpu"
+            continue
+        for sub, part in child.named_children():
+            if sub == "layers":
+                split.update(
+                    {
+                        f"model.language_model.layers.{i}": "disk" if i in (0, sparse) else "cpu"
+                        for i in range(len(part))
+                    }
+                )
+            else:
+                split[f"model.language_model.{sub}"] = "cpu"
+    return {**split, "lm_head": "cpu"}
+
+
+@pytest.mark.slow
+def test_a_device_map_with_disk_offload_decodes_as_one_device_on_each_base(base, tmp_path):
+    """A `device_map` with decoder layers 0 and `sparse_layer` offloaded to disk: the same tokens, kept image tokens
+    and cache lengths as the model loaded whole."""
+    _, _, processor, image, folder = base
+    model, _ = load_local(folder)
+    mapped = type(model).from_pretrained(
+        folder, dtype=torch.float32, device_map=_offload_map(model), offload_folder=str(tmp_path)
+    )
+    assert "disk" in set(mapped.hf_device_map.values()), mapped.hf_device_map
+    batch = _batch(processor, image)
+    a = model.generate(**batch, max_new_tokens=5, vision_keep_tokens=3, **GREEDY)
+    b = mapped.generate(**batch, max_new_tokens=5, vision_keep_tokens=3, **GREEDY)
+    assert torch.equal(a.sequences, b.sequences)
+    ca, cb = getattr(a, CACHE_KEY), getattr(b, CACHE_KEY)
+    assert torch.equal(ca.kept_lengths(), cb.kept_lengths())
+    kept = [[[k.tolist() for k in row] for row in c.kept_vision_indices] for c in (ca, cb)]
+    assert kept[0] == kept[1]
 
 
 def test_beam_search_with_sparsity_off_equals_stock_on_each_base(base):
