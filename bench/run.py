@@ -48,7 +48,7 @@ Every ratio is ours / stock, measured pair by pair in the same run:
   stock values (`attention_scorer_*`).
 * With random weights the output-text predictor keeps all or nothing, so its last bias is shifted until the median
   margin is 0 (about half kept, the trained behaviour at output_text_keep_rate 0.5); the keep rates actually seen
-  are reported. Vision pruning keeps the top int(576 * vision_keep_rate) per image whatever the weights.
+  are reported. Vision pruning keeps the top int(tokens * vision_keep_rate) of each image whatever the weights.
 """
 
 from __future__ import annotations
