@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import sparse_flow
 from ..transformers_compat import CACHE_KEY
+from .bases import bench_base
 
 __all__ = ["cache_bytes", "eager_attention", "layer_flops", "per_layer_flops"]
 
@@ -49,11 +51,13 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def per_layer_flops(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
     """
-    Count FLOPs of a forward, split per decoder layer / predictor / rest (attention counted as eager matmuls:
-    4 * heads * T * K * head_dim per layer, whatever the mask). Yields a dict filled on exit.
+    Count FLOPs of a forward, split per decoder layer / predictor / scorer / rest (attention counted as eager
+    matmuls: 4 * heads * T * K * head_dim per layer, whatever the mask). "scorers": what the training-free attention
+    scorer spends recomputing the attention of layer `sparse_layer - 1` (`sparse_scorers.attention_received`; 0
+    with the predictor). "llm" = layers + predictors + scorers. Yields a dict filled on exit.
     """
     lm = model.model.language_model
-    result = {"layers": [0] * len(lm.layers), "predictors": 0, "total": 0}
+    result = {"layers": [0] * len(lm.layers), "predictors": 0, "scorers": 0, "total": 0}
     counter = FlopCounterMode(display=False)
     marks = {}
     handles = []
@@ -83,24 +87,44 @@ def per_layer_flops(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
             handles.append(module.register_forward_pre_hook(pre(name)))
             handles.append(module.register_forward_hook(post(name, "predictors")))
     try:
-        with counter, eager_attention(model):
+        with counter, eager_attention(model), counted_scorer(counter, result):
             yield result
     finally:
         for handle in handles:
             handle.remove()
         result["total"] = counter.get_total_flops()
-        result["llm"] = sum(result["layers"]) + result["predictors"]
+        result["llm"] = sum(result["layers"]) + result["predictors"] + result["scorers"]
+
+
+@contextlib.contextmanager
+def counted_scorer(counter: FlopCounterMode, result: dict[str, Any]) -> Iterator[None]:
+    """Add the FLOPs of each `sparse_flow.attention_received` call (the attention scorer) to `result["scorers"]`."""
+    scorer = sparse_flow.attention_received
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        before = counter.get_total_flops()
+        try:
+            return scorer(*args, **kwargs)
+        finally:
+            result["scorers"] += counter.get_total_flops() - before
+
+    sparse_flow.attention_received = counted
+    try:
+        yield
+    finally:
+        sparse_flow.attention_received = scorer
 
 
 def layer_flops(stock: torch.nn.Module, tokens: int, keys: int | None = None) -> int:
-    """FLOPs of one stock decoder layer on `tokens` queries attending to `keys` (default: causal over itself)."""
+    """FLOPs of one stock decoder layer (of any base) on `tokens` queries attending to `keys` (default: causal over
+    itself); hidden states `[1, tokens, H]`, an additive mask `[1, 1, tokens, keys]`."""
     lm = stock.model.language_model
     layer = lm.layers[0]
     hidden = torch.zeros(1, tokens, stock.config.text_config.hidden_size, dtype=stock.dtype, device=stock.device)
     keys = tokens if keys is None else keys
     mask = torch.ones(1, 1, tokens, keys, dtype=torch.bool, device=stock.device)
     positions = torch.arange(tokens, device=stock.device)[None]
-    rope = lm.rotary_emb(hidden, positions)
+    rope = lm.rotary_emb(hidden, bench_base(stock.config).rope_positions(positions))
     counter = FlopCounterMode(display=False)
     mask = torch.zeros(mask.shape, dtype=stock.dtype, device=stock.device)  # eager: an additive float mask
     with counter, torch.no_grad(), eager_attention(stock):

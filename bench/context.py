@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
-from ..configuration_dynamic_llava import DynamicLlavaConfig
-from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..hub.bases import BASES
 from ..sparse_settings import SPARSITY_OFF
+from .bases import BENCH_BASES, bench_base
 from .memory import footprint_bytes, weight_bytes
 from .presets import PRESETS
 from .timing import CLOCK_RESOLUTION_S, generate
@@ -92,63 +93,64 @@ def per_step_time(total: float, first: float, steps: int) -> float | Unmeasured:
 
 def preset_model(
     name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
-) -> DynamicLlavaForConditionalGeneration:
-    """A random model of preset `name` (`PRESETS`), sdpa attention, in eval mode; one image is
-    `(image_size / patch_size) ** 2` tokens."""
+) -> PreTrainedModel:
+    """A random model of preset `name` (`PRESETS`), of its base's Dynamic class (`spec["base"]`, the registry
+    `hub.bases.BASES`), sdpa attention, in eval mode. LLaVA-1.5: one image is `(image_size / patch_size) ** 2`
+    tokens; the other bases: see `bench.bases`."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[name]
-    vision = spec["vision"]
-    config = DynamicLlavaConfig(
-        text_config=dict(model_type="llama", pad_token_id=0, bos_token_id=1, eos_token_id=2, **spec["text"]),
-        vision_config=dict(model_type="clip_vision_model", projection_dim=vision["hidden_size"], **vision),
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
-        sparse_layer=2,
-        vision_keep_rate=0.2,
-        pad_token_id=0,
-        **spec["predictor"],
-    )
+    config = BENCH_BASES[spec["base"]].build_config(spec)
     for sub in (config, config.text_config, config.vision_config):
         sub._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):
-        model = DynamicLlavaForConditionalGeneration(config)
+        model = BASES[spec["base"]].load_model_class()(config)
     return model.to(dtype).eval()
 
 
 def bench_inputs(
-    model: DynamicLlavaForConditionalGeneration, batch_size: int, seed: int = 0, ragged: bool = False
+    model: PreTrainedModel,
+    batch_size: int,
+    seed: int = 0,
+    ragged: bool = False,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """
-    `batch_size` rows: BOS, ~35 system tokens, the image, ~25 question tokens (random ids), random images. With
-    `ragged`, row i's question is `3 * (i % 8)` tokens shorter and the rows are left padded (pad id 0).
+    `batch_size` rows: BOS, ~35 system tokens, the image, ~25 question tokens (random ids), random images, one per
+    row. With `ragged`, row i's question is `3 * (i % 8)` tokens shorter and the rows are left padded (pad id 0).
+    `image_size`: (height, width) of the image where the base takes any size (default: its bench image,
+    `bench.bases`).
 
-    Returns `input_ids` and `attention_mask` `[batch, prompt]` (long) and `pixel_values` `[batch, 3, side, side]`.
+    Returns `input_ids` and `attention_mask` `[batch, prompt]` (long) and the base's image inputs (`bench.bases`):
+    LLaVA-1.5 `pixel_values` `[batch, 3, side, side]`; LLaVA-NeXT `pixel_values` `[batch, tiles, 3, side, side]` and
+    `image_sizes` `[batch, 2]`; Qwen2.5-VL `pixel_values` `[batch * h * w, 3 * 2 * patch**2]` and `image_grid_thw`
+    `[batch, 3]` (and `mm_token_type_ids` `[batch, prompt]` where the stock model takes it). The image
+    placeholders are as many as the model makes of each image.
     """
     g = torch.Generator().manual_seed(seed)
     config = model.config
-    n_image = config.image_seq_length
+    adapter = bench_base(config)
+    image_size = adapter.image_size(config, image_size)
+    placeholder = adapter.image_placeholder(config, adapter.image_tokens(model, image_size))
+    limit = min([config.text_config.vocab_size, *adapter.special_ids(config)])
     before, after = 36, PROMPT_TEXT_TOKENS - 36
     rows = []
     for i in range(batch_size):
-        text = torch.randint(
-            3, min(config.image_token_id, config.text_config.vocab_size), (before + after,), generator=g
-        )
+        text = torch.randint(3, limit, (before + after,), generator=g)
         question = after - (RAGGED_STEP * (i % RAGGED_LENGTHS) if ragged else 0)
-        image = torch.full((n_image,), config.image_token_id)
-        rows.append(torch.cat([torch.tensor([1]), text[:before], image, text[before : before + question]]))
+        rows.append(torch.cat([torch.tensor([1]), text[:before], placeholder, text[before : before + question]]))
     width = max(row.numel() for row in rows)
     input_ids = torch.zeros(batch_size, width, dtype=torch.long)
     attention_mask = torch.zeros(batch_size, width, dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, width - row.numel() :] = row
         attention_mask[i, width - row.numel() :] = 1
-    side = config.vision_config.image_size
     return {
         "input_ids": input_ids.to(model.device),
         "attention_mask": attention_mask.to(model.device),
-        "pixel_values": torch.randn(batch_size, 3, side, side, generator=g).to(model.device, model.dtype),
+        **adapter.image_inputs(model, batch_size, image_size, g),  # (drawn after the text, as always)
+        **{k: v.to(model.device) for k, v in adapter.token_inputs(config, input_ids).items()},
     }
 
 
@@ -175,6 +177,7 @@ class BenchSettings:
     count_steps: int = 64
     long_tokens: list[int] = field(default_factory=lambda: [512, 1024])
     nocache_tokens: int = 8
+    image_size: tuple[int, int] | None = None  # (height, width) where the base takes any size (`bench.bases`)
 
 
 @dataclass
@@ -182,7 +185,7 @@ class BenchContext:
     """Both models on the same weights, the main inputs (`[batch_size, prompt]`), the settings, the device, and
     ours' per-call sparsity. "ours" runs with `sparsity`, "off" is ours with `SPARSITY_OFF`, "stock" is stock."""
 
-    model: DynamicLlavaForConditionalGeneration
+    model: PreTrainedModel
     stock: torch.nn.Module
     inputs: dict[str, torch.Tensor]
     settings: BenchSettings
@@ -214,7 +217,9 @@ class BenchContext:
         """Prompts of `batch` rows (ragged if set), seeded `seed + seed_offset`; the main inputs at offset 0."""
         if batch == self.settings.batch_size and seed_offset == 0:
             return self.inputs
-        return bench_inputs(self.model, batch, self.settings.seed + seed_offset, ragged=self.settings.ragged)
+        return bench_inputs(
+            self.model, batch, self.settings.seed + seed_offset, self.settings.ragged, self.settings.image_size
+        )
 
     def gen(self, which: str, inputs: dict[str, torch.Tensor], n: int, **extra: Any) -> Callable[[], Any]:
         """A call of one side's `generate()` of exactly `n` tokens (sampling reseeded each call, no grad)."""

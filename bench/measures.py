@@ -9,6 +9,7 @@ prefill, L = decoder layers, l = `sparse_layer`, N = new tokens.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -20,6 +21,7 @@ from .. import sparse_flow
 from ..sparse_cache import cache_from_output
 from ..training.calibration import calibrate_output_text_bias
 from .accounting import cache_bytes, layer_flops, per_layer_flops
+from .bases import bench_base
 from .context import WHICH, BenchContext, Unmeasured, per_step_time, ratio, timed
 from .counting import per_decode_step
 from .memory import estimate_largest_batch, footprint_bytes, peak_memory, search_largest_batch
@@ -27,6 +29,7 @@ from .timing import _synchronize, compile_config, median_time, wall_time
 
 __all__ = [
     "calibrate",
+    "measure_attention_scorer",
     "measure_compiled",
     "measure_decode",
     "measure_decode_batch",
@@ -72,8 +75,6 @@ def measure_prefill_flops(ctx: BenchContext) -> dict[str, Any]:
     """Prefill FLOPs of the LLM part (decoder layers + predictors) and of the whole model, ours vs stock, and their
     floor: stock layers on all P tokens below l and on the P' kept tokens from l on, no predictor."""
     model, stock, inputs = ctx.model, ctx.stock, ctx.inputs
-    config = model.config
-    layers, sparse_layer, batch = config.text_config.num_hidden_layers, config.sparse_layer, ctx.settings.batch_size
     with torch.no_grad():
         with per_layer_flops(model) as ours:
             out = model(**inputs, logits_to_keep=1, **ctx.sparsity)
@@ -82,7 +83,7 @@ def measure_prefill_flops(ctx: BenchContext) -> dict[str, Any]:
     cache = cache_from_output(out)
     kept_tokens = int(cache.kept_lengths()[-1].max())
     vision_kept = sum(int(image.numel()) for row in cache.kept_vision_indices for image in row)
-    floor = batch * (sparse_layer * dense["layers"][0] + (layers - sparse_layer) * layer_flops(stock, kept_tokens))
+    floor = prefill_llm_floor(ctx, dense["layers"][0], kept_tokens)
     return dict(
         prefill_llm_flops_ours=ours["llm"],
         prefill_llm_flops_stock=dense["llm"],
@@ -94,8 +95,63 @@ def measure_prefill_flops(ctx: BenchContext) -> dict[str, Any]:
         prefill_total_flops_floor_ratio=ratio(dense["total"] - dense["llm"] + floor, dense["total"]),
         prefill_predictor_flops=ours["predictors"],
         prefill_tokens_in_sparse_layers=kept_tokens,
-        vision_keep_rate=vision_kept / (config.image_seq_length * batch),
+        vision_keep_rate=vision_kept / image_tokens(ctx),
         prefill_flops_by_layer={"ours": ours["layers"], "stock": dense["layers"]},
+    )
+
+
+def image_tokens(ctx: BenchContext) -> int:
+    """Image tokens of the main inputs (all rows), counted in `input_ids` `[batch, prompt]`."""
+    return int((ctx.inputs["input_ids"] == ctx.model.config.image_token_id).sum())
+
+
+def prefill_llm_floor(ctx: BenchContext, dense_layer_flops: int, kept_tokens: int) -> int:
+    """The prefill LLM FLOPs of only the kept work: `batch` rows of stock layers on all P tokens below l
+    (`dense_layer_flops`, one stock layer's), on the `kept_tokens` kept ones (P') from l on, no predictor."""
+    text, batch = ctx.model.config.text_config, ctx.settings.batch_size
+    layers, sparse_layer = text.num_hidden_layers, ctx.model.config.sparse_layer
+    return batch * (sparse_layer * dense_layer_flops + (layers - sparse_layer) * layer_flops(ctx.stock, kept_tokens))
+
+
+def measure_attention_scorer(ctx: BenchContext, results: dict[str, Any]) -> dict[str, Any]:
+    """
+    The training-free attention scorer (FastV's rule, `image_scorer="attention"` per call, the same keep budget)
+    beside the predictor: prefill LLM FLOPs (its recomputed attention of layer l - 1 included) and their floor (the
+    kept tokens), prefill time (a forward, one untimed warm-up, the median over `repeats`), each against the stock
+    values of this run (`measure_prefill_flops`, `measure_prefill_time`).
+    """
+    request = {**ctx.sparsity, "image_scorer": "attention"}
+    try:
+        ctx.model.config.sparsity_settings(**request)
+    except ValueError as error:
+        missing = Unmeasured(f"the attention scorer cannot run with this sparsity: {error}")
+        return {f"attention_scorer_{key}": missing for key in ("prefill_llm_flops_ratio", "prefill_time_ratio")}
+
+    def prefill() -> Any:
+        with torch.no_grad():
+            return ctx.model(**ctx.inputs, logits_to_keep=1, **request)
+
+    with torch.no_grad(), per_layer_flops(ctx.model) as counted:
+        out = prefill()
+    kept_tokens = int(cache_from_output(out).kept_lengths()[-1].max())
+    del out
+    stock_flops = results["prefill_llm_flops_stock"]
+    floor = prefill_llm_floor(ctx, results["prefill_flops_by_layer"]["stock"][0], kept_tokens)
+    prefill()  # warm-up
+    seconds = timed(median_time(prefill, ctx.settings.repeats))
+    stock_time = results.get("prefill_time_stock_s")
+    if stock_time is None:
+        stock_time = Unmeasured(results["missing"].get("prefill_time_stock_s", "no stock prefill time"))
+    return dict(
+        attention_scorer_prefill_llm_flops_ours=counted["llm"],
+        attention_scorer_prefill_llm_flops_stock=stock_flops,
+        attention_scorer_flops=counted["scorers"],
+        attention_scorer_prefill_llm_flops_ratio=ratio(counted["llm"], stock_flops),
+        attention_scorer_prefill_llm_flops_floor_ratio=ratio(floor, stock_flops),
+        attention_scorer_prefill_tokens_in_sparse_layers=kept_tokens,
+        attention_scorer_prefill_time_ours_s=seconds,
+        attention_scorer_prefill_time_stock_s=stock_time,
+        attention_scorer_prefill_time_ratio=ratio(seconds, stock_time),
     )
 
 
@@ -273,14 +329,15 @@ def measure_ops_per_step(ctx: BenchContext) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def counted_mask_builds() -> Iterator[dict[str, int]]:
+def counted_mask_builds(stock_text_model: torch.nn.Module) -> Iterator[dict[str, int]]:
     """Count the attention masks built: ours' `sparse_masks.attention_mask_for` (as `sparse_flow` calls it; each
-    call is one additive float mask `[batch, 1, q, keys]`) and stock's `create_causal_mask` calls that return a
-    mask (its Llama decoder builds one per forward). Yields `{"ours": n, "stock": n}`, counted as it runs."""
-    from transformers.models.llama import modeling_llama
+    call is one additive float mask `[batch, 1, q, keys]`) and the `create_causal_mask` calls of the stock text
+    model's module (`stock_text_model`: its Llama / Qwen2.5-VL decoder) that return a mask (one per forward). Yields
+    `{"ours": n, "stock": n}`, counted as it runs."""
+    modeling_stock = sys.modules[type(stock_text_model).__module__]
 
     counts = {"ours": 0, "stock": 0}
-    ours_builder, stock_builder = sparse_flow.attention_mask_for, modeling_llama.create_causal_mask
+    ours_builder, stock_builder = sparse_flow.attention_mask_for, modeling_stock.create_causal_mask
 
     def ours(*args: Any, **kwargs: Any) -> torch.Tensor:
         counts["ours"] += 1
@@ -291,11 +348,11 @@ def counted_mask_builds() -> Iterator[dict[str, int]]:
         counts["stock"] += mask is not None
         return mask
 
-    sparse_flow.attention_mask_for, modeling_llama.create_causal_mask = ours, stock
+    sparse_flow.attention_mask_for, modeling_stock.create_causal_mask = ours, stock
     try:
         yield counts
     finally:
-        sparse_flow.attention_mask_for, modeling_llama.create_causal_mask = ours_builder, stock_builder
+        sparse_flow.attention_mask_for, modeling_stock.create_causal_mask = ours_builder, stock_builder
 
 
 def measure_mask_builds(ctx: BenchContext) -> dict[str, Any]:
@@ -306,7 +363,7 @@ def measure_mask_builds(ctx: BenchContext) -> dict[str, Any]:
     for which in WHICH:
         built = []
         for n in (1, 1 + steps):
-            with counted_mask_builds() as counts:
+            with counted_mask_builds(ctx.stock.model.language_model) as counts:
                 ctx.gen(which, ctx.inputs, n)()
             built.append(counts[which])
         per_step[which] = (built[1] - built[0]) / steps
@@ -417,19 +474,20 @@ def measure_nocache_flops(ctx: BenchContext) -> dict[str, Any]:
     sequence, n = ctx.artifacts["sequence"], ctx.settings.new_tokens
     real = ctx.inputs["attention_mask"][0].bool()
     sequence = sequence[:, torch.cat([real, torch.ones(n, dtype=torch.bool, device=real.device)])]
-    pixels = ctx.inputs["pixel_values"][:1]
+    adapter = bench_base(model.config)
+    images = {**adapter.first_rows(ctx.inputs, 1), **adapter.token_inputs(model.config, sequence)}
     with torch.no_grad():
         with per_layer_flops(model) as ours:
             out = model(
                 input_ids=sequence,
-                pixel_values=pixels,
+                **images,
                 use_cache=False,
                 output_text_start=int(real.sum()),
                 logits_to_keep=1,
                 **ctx.sparsity,
             )
         with per_layer_flops(stock) as dense:
-            stock(input_ids=sequence, pixel_values=pixels, use_cache=False, logits_to_keep=1)
+            stock(input_ids=sequence, **images, use_cache=False, logits_to_keep=1)
     total = sequence.shape[1]
     kept = int((out.token_indices[0] >= 0).sum()) if out.token_indices is not None else total
     layers, sparse_layer = model.config.text_config.num_hidden_layers, model.config.sparse_layer

@@ -1,4 +1,6 @@
-"""`dynamic-llava bench`: Dynamic-LLaVA vs the stock transformers LLaVA on the same weights, in one process.
+"""`dynamic-llava bench`: Dynamic-LLaVA vs the stock transformers model of its base (LLaVA-1.5, LLaVA-NeXT or
+Qwen2.5-VL, `bench.stock`) on the same weights, in one process; the per-base parts (presets, prompts, image inputs)
+are `bench.bases`.
 
 Every ratio is ours / stock, measured pair by pair in the same run:
 
@@ -41,9 +43,12 @@ Every ratio is ours / stock, measured pair by pair in the same run:
 * A measure the run cannot compute (one new token: no decode step; no generated token scored; a time difference not
   above the clock's resolution) is None (JSON null), its reason under `results["missing"]`, "n/a (reason)" in the
   table: never a negative time or a rate of nothing.
+* The attention scorer (`image_scorer="attention"`, FastV's training-free rule, the same keep budget) beside ours:
+  its prefill LLM FLOPs (the attention of layer l - 1 it recomputes included) and prefill time against the same
+  stock values (`attention_scorer_*`).
 * With random weights the output-text predictor keeps all or nothing, so its last bias is shifted until the median
   margin is 0 (about half kept, the trained behaviour at output_text_keep_rate 0.5); the keep rates actually seen
-  are reported. Vision pruning keeps the top int(576 * vision_keep_rate) per image whatever the weights.
+  are reported. Vision pruning keeps the top int(tokens * vision_keep_rate) of each image whatever the weights.
 """
 
 from __future__ import annotations
@@ -67,13 +72,13 @@ from transformers.utils import logging
 
 from ..files import atomic_write_text
 from ..hub.folder import parse_dtype
-from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..sparse_settings import PER_CALL_FIELDS, SparsityKwargs
 from . import measures
+from .bases import bench_base
 from .context import BenchContext, BenchSettings, Unmeasured, bench_inputs, preset_model
 from .memory import peak_rss_bytes, reset_peak_rss
 from .presets import DEFAULT_PRESET, PRESETS
-from .stock import stock_llava
+from .stock import stock_model
 from .timing import compile_config, generate, median_time, wall_time
 
 __all__ = [
@@ -173,17 +178,20 @@ def _with_sparsity_parameters(function: Callable) -> Callable:
 
 
 def _load(model: Any, preset: str, dtype: torch.dtype, device: str, seed: int) -> tuple[Any, str | None]:
-    """The model to bench (given, from a folder, or a random one of `preset`), and the preset's name if random."""
+    """The model to bench (given, from a folder or Hub id of any base, or a random one of `preset`), and the preset's
+    name if random."""
     if model is None:
         return preset_model(preset, dtype, device, seed), preset
     if isinstance(model, (str, Path)):
-        return DynamicLlavaForConditionalGeneration.from_pretrained(str(model), dtype=dtype).to(device).eval(), None
+        from ..hub.loading import load_model, model_folder
+
+        return load_model(model_folder(str(model)), dtype=dtype).to(device).eval(), None
     return model, None
 
 
 @_with_sparsity_parameters
 def run_bench(
-    model: DynamicLlavaForConditionalGeneration | str | os.PathLike | None = None,
+    model: Any = None,
     preset: str = DEFAULT_PRESET,
     batch_size: int = 1,
     new_tokens: int = 512,
@@ -206,12 +214,14 @@ def run_bench(
     long_tokens: Sequence[int] | None = None,
     nocache_tokens: int = 8,
     progress: bool = True,
+    image_size: Sequence[int] | None = None,
     **sparsity: Any,
 ) -> dict[str, Any]:
     """
-    Run the benchmark (module docstring) on `model` (a model, a folder, or None: a random model of `preset`) against
-    the stock LLaVA on the same weights; progress goes to a tqdm bar and the logger. Returns the results
-    (`format_table` makes the table the command prints); with `out`, also writes `results.json` and the plots there.
+    Run the benchmark (module docstring) on `model` (a Dynamic model of any base, a folder or Hub id, or None: a
+    random model of `preset`) against the stock model of its base on the same weights; progress goes to a tqdm bar
+    and the logger. Returns the results (`format_table` makes the table the command prints); with `out`, also writes
+    `results.json` and the plots there.
 
     Args:
         batch_size, new_tokens: the main run (FLOPs, KV bytes, prefill, time to first token, decode time per token).
@@ -227,6 +237,8 @@ def run_bench(
         count_steps: decode steps over which aten ops, host syncs and attention masks per step are counted (0: not).
         long_tokens: lengths of the long generations (default 512, 1024 on the CPU; 1024, 2048 on CUDA); (): none.
         nocache_tokens: new tokens of the `use_cache=False` decode timing (0 or 1: not run).
+        image_size: (height, width) of the bench's image for a base that takes any size (LLaVA-NeXT, Qwen2.5-VL;
+            default: the preset's, else the base's bench image, `bench.bases`); LLaVA-1.5's is its tower's.
         **sparsity: ours' per-call sparsity, one keyword per field of `sparse_settings.PER_CALL_FIELDS`, as
             `generate()` takes them (None: the config's).
     """
@@ -249,21 +261,12 @@ def run_bench(
         decode_batch, compiled, compile_batches, compile_mode, memory_budget_gb, budget_tokens, count_steps,
         long_tokens, nocache_tokens,
     )  # fmt: skip
-    model.generation_config.eos_token_id = None  # same work for both models: exactly N new tokens
-    model.generation_config.pad_token_id = 0
-    ctx = BenchContext(
-        model=model,
-        stock=stock_llava(model),
-        inputs=bench_inputs(model, batch_size, seed, ragged=ragged),
-        settings=bench,
-        device=device,
-        sparsity=sparsity,
-    )
+    ctx = _context(model, preset, image_size, bench, device, sparsity)
     text = model.config.text_config
     logger.info(
-        f"[bench] model: {text.num_hidden_layers} layers, hidden {text.hidden_size}, {model.config.image_seq_length} "
-        f"image tokens, prompt {ctx.prompt_tokens} tokens, batch {batch_size}, {new_tokens} new tokens, {dtype} on "
-        f"{device}"
+        f"[bench] {type(model).__name__}: {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+        f"{measures.image_tokens(ctx) // batch_size} image tokens per row, prompt {ctx.prompt_tokens} tokens, batch "
+        f"{batch_size}, {new_tokens} new tokens, {dtype} on {device}"
     )
     results = _header(ctx, preset, dtype, sparsity)
     plan = _plan(ctx, settings.use_output_text_predictor)
@@ -280,6 +283,31 @@ def run_bench(
     return results
 
 
+def _context(
+    model: Any,
+    preset: str | None,
+    image_size: Sequence[int] | None,
+    bench: BenchSettings,
+    device: str,
+    sparsity: dict[str, Any],
+) -> BenchContext:
+    """The run's context: the bench image checked (`image_size`, else the preset's, else the base's), generation
+    without EOS (exactly N new tokens), the stock model of the base on the same weights, the main inputs."""
+    if image_size is None and preset is not None:
+        image_size = PRESETS[preset].get("image")
+    bench.image_size = bench_base(model.config).image_size(model.config, image_size)  # checked before loading more
+    model.generation_config.eos_token_id = None  # same work for both models: exactly N new tokens
+    model.generation_config.pad_token_id = 0
+    return BenchContext(
+        model=model,
+        stock=stock_model(model),
+        inputs=bench_inputs(model, bench.batch_size, bench.seed, bench.ragged, bench.image_size),
+        settings=bench,
+        device=device,
+        sparsity=sparsity,
+    )
+
+
 def _header(ctx: BenchContext, preset: str, dtype: str, sparsity: dict[str, Any]) -> dict[str, Any]:
     """What the run measured on: machine, versions, model shape, settings (the results' first entries)."""
     text = ctx.model.config.text_config
@@ -287,6 +315,9 @@ def _header(ctx: BenchContext, preset: str, dtype: str, sparsity: dict[str, Any]
         "machine": platform_summary(ctx.device),
         "transformers": transformers.__version__,
         "preset": preset,
+        "base": bench_base(ctx.model.config).name,
+        "image_size": list(ctx.settings.image_size) if ctx.settings.image_size else None,
+        "image_tokens_per_row": measures.image_tokens(ctx) // ctx.settings.batch_size,
         "batch_size": ctx.settings.batch_size,
         "new_tokens": ctx.settings.new_tokens,
         "dtype": dtype,
@@ -345,6 +376,7 @@ def _plan(ctx: BenchContext, calibrate: bool) -> list[tuple[str, Callable[[dict[
     plan += [
         ("prefill FLOPs", lambda r: measures.measure_prefill_flops(ctx)),
         ("prefill time", lambda r: measures.measure_prefill_time(ctx)),
+        ("attention scorer", lambda r: measures.measure_attention_scorer(ctx, r)),
         ("decode", lambda r: measures.measure_decode(ctx, _first_token_times(r))),
         ("no-cache decode FLOPs", lambda r: measures.measure_nocache_flops(ctx)),
         ("floors", lambda r: measures.measure_floors(ctx, r)),
@@ -422,6 +454,20 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | Non
             _flops,
         ),
         ("prefill time", "prefill_time_ratio", "prefill_time_floor_ratio", "prefill_time_{}_s", _seconds),
+        (
+            "prefill LLM FLOPs, attention scorer (FastV)",
+            "attention_scorer_prefill_llm_flops_ratio",
+            "attention_scorer_prefill_llm_flops_floor_ratio",
+            "attention_scorer_prefill_llm_flops",
+            _flops,
+        ),
+        (
+            "prefill time, attention scorer (FastV)",
+            "attention_scorer_prefill_time_ratio",
+            "prefill_time_floor_ratio",
+            "attention_scorer_prefill_time_{}_s",
+            _seconds,
+        ),
         (
             f"time to first token, batch {b}",
             "time_to_first_token_ratio",

@@ -1,4 +1,4 @@
-"""`dynamic-llava bench`: ours vs the stock LLaVA on the same weights (`dynamic_llava.bench.run.run_bench`).
+"""`dynamic-llava bench`: ours vs the stock model of its base on the same weights (`dynamic_llava.bench.run.run_bench`).
 
 `add_bench_flags` and `run_bench_kwargs` are the bench's flags and their `run_bench` keywords, for this command and
 for any other front-end of the bench; the sparsity flags are the shared group (`flags.add_sparsity_flags`).
@@ -20,7 +20,9 @@ __all__ = ["add_bench_flags", "add_parser", "run", "run_bench_kwargs"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench", help="measure ours vs stock LLaVA on the same weights (ratios, one run)")
+    parser = subparsers.add_parser(
+        "bench", help="measure ours vs its base's stock model on the same weights (ratios, one run)"
+    )
     add_bench_flags(parser)
     parser.set_defaults(run=run)
     return parser
@@ -28,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     """Every flag of the bench (what runs, the measures, ours' sparsity per call)."""
-    parser.add_argument("--model", help="a Dynamic-LLaVA folder (default: a random model of --preset)")
+    parser.add_argument("--model", help="a Dynamic-LLaVA folder of any base (default: a random model of --preset)")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), help=f"a random model of these shapes (default {DEFAULT_PRESET})"
     )
