@@ -35,6 +35,7 @@ __all__ = [
     "hub_key",
     "predictor_keys_kept",
     "legacy_rope_fields",
+    "rope_index_takes_token_types",
     "image_features_list",
     "keep_in_fp32_names",
     "layer_output",
@@ -295,14 +296,21 @@ def rotate_queries(attention: Any, queries: torch.Tensor, rope: tuple, keys: tor
     return rotated[0] if keys is None else rotated
 
 
+def rope_index_takes_token_types() -> bool:
+    """Whether the installed `Qwen2_5_VLModel.get_rope_index` takes `mm_token_type_ids` (5.x after 5.0; its
+    processor returns them by default, and the stock model finds images by them). Goes with 4.57 and 5.0."""
+    from transformers import Qwen2_5_VLModel
+
+    return "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.get_rope_index).parameters
+
+
 def qwen_rope_index(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor, attention_mask: torch.Tensor):
     """
     The stock M-RoPE positions of a Qwen2.5-VL chunk (`get_rope_index`, as if the chunk started the sequence): 5.x
     takes the modality of each token (`mm_token_type_ids`: 1 at image tokens), 4.57 finds images by their
     vision-start tokens. Returns `([3, batch, q]` positions, `[batch, 1]` offsets). Goes with 4.57.
     """
-    parameters = inspect.signature(model.get_rope_index).parameters
-    if "mm_token_type_ids" in parameters:
+    if rope_index_takes_token_types():
         types = (input_ids == model.config.image_token_id).int()
         return model.get_rope_index(
             input_ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw, attention_mask=attention_mask

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..hub.bases import BASES, base_of
+from ..transformers_compat import rope_index_takes_token_types
 
 __all__ = ["BENCH_BASES", "BenchBase", "bench_base"]
 
@@ -219,24 +220,13 @@ class Qwen2_5_VLBench(BenchBase):
         """`mm_token_type_ids` `[batch, seq]` (1 at image tokens) where the stock model finds images by it (5.25's
         `get_rope_index`, whose processor returns it by default; 4.57 and 5.0 find them by `<|vision_start|>`, and
         their processors return it only on request). Ours reads the image tokens from `input_ids` either way."""
-        if not stock_rope_index_takes_token_types():
+        if not rope_index_takes_token_types():
             return {}
         return {"mm_token_type_ids": (input_ids == config.image_token_id).long()}
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """`[3, 1, T]`: text tokens have the same time, height and width positions."""
         return positions[None].expand(3, -1, -1)
-
-
-def stock_rope_index_takes_token_types() -> bool:
-    """Whether the installed stock `Qwen2_5_VLModel.get_rope_index` takes `mm_token_type_ids` (detected from its
-    signature, as `transformers_compat.qwen_rope_index` does; kept here because that module is remote code and the
-    bench's prompts are not). Goes with 4.57 and 5.0."""
-    import inspect
-
-    from transformers import Qwen2_5_VLModel
-
-    return "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.get_rope_index).parameters
 
 
 BENCH_BASES: dict[str, BenchBase] = {
