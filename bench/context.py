@@ -176,6 +176,7 @@ class BenchSettings:
     budget_tokens: int = 64
     count_steps: int = 64
     long_tokens: list[int] = field(default_factory=lambda: [512, 1024])
+    long_batches: list[int] = field(default_factory=lambda: [1])
     nocache_tokens: int = 8
     image_size: tuple[int, int] | None = None  # (height, width) where the base takes any size (`bench.bases`)
 

@@ -41,6 +41,7 @@ __all__ = [
     "measure_nocache_flops",
     "measure_ops_per_step",
     "measure_prefill_flops",
+    "measure_sdpa_masks",
     "measure_prefill_time",
     "measure_throughput",
 ]
@@ -157,7 +158,9 @@ def measure_attention_scorer(ctx: BenchContext, results: dict[str, Any]) -> dict
 
 def measure_prefill_time(ctx: BenchContext) -> dict[str, Any]:
     """Prefill time (one forward), time to first token (a whole generate of one token), and the overhead of ours
-    with sparsity off (`SPARSITY_OFF`), each after one untimed warm-up, medians over `repeats`."""
+    with sparsity off (`SPARSITY_OFF`), each after one untimed warm-up, medians over `repeats`; and the measured
+    floor: stock's forward on prompts as long as what ours keeps (`kept_length_prompts`: text only, so neither the
+    vision tower nor the dense layers' full prompt is in it)."""
     repeats = ctx.settings.repeats
 
     def prefill(which: str) -> Callable[[], Any]:
@@ -175,7 +178,17 @@ def measure_prefill_time(ctx: BenchContext) -> dict[str, Any]:
     for fn in first.values():
         fn()
     ttft = {which: timed(median_time(fn, repeats)) for which, fn in first.items()}
+    kept = kept_length_prompts(ctx, ctx.inputs, cache_from_output(first["ours"]()))
+
+    def floor_prefill() -> None:
+        with torch.no_grad():
+            ctx.stock(**kept, logits_to_keep=1)
+
+    floor_prefill()
+    floor = timed(median_time(floor_prefill, repeats))
     return dict(
+        prefill_time_measured_floor_s=floor,
+        prefill_time_vs_floor_ratio=ratio(forward["ours"], floor),
         prefill_time_ours_s=forward["ours"],
         prefill_time_stock_s=forward["stock"],
         prefill_time_ratio=ratio(forward["ours"], forward["stock"]),
@@ -355,6 +368,44 @@ def counted_mask_builds(stock_text_model: torch.nn.Module) -> Iterator[dict[str,
         sparse_flow.attention_mask_for, modeling_stock.create_causal_mask = ours_builder, stock_builder
 
 
+@contextlib.contextmanager
+def counted_sdpa_masks() -> Iterator[dict[str, int]]:
+    """Count `torch.nn.functional.scaled_dot_product_attention` calls by the mask they pass: `float` (additive: SDPA
+    can take only its math or memory-efficient kernel, never flash), `bool`, `none` (causal or no mask: every kernel).
+    transformers' sdpa attention, which our sparse layers use too, looks the function up at each call."""
+    counts = {"float": 0, "bool": 0, "none": 0}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+        kind = "none" if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "float"
+        counts[kind] += 1
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = counting
+    try:
+        yield counts
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def measure_sdpa_masks(ctx: BenchContext) -> dict[str, Any]:
+    """SDPA calls per decode step by mask kind (`counted_sdpa_masks`), (generate(1 + S) - generate(1)) / S, at batch
+    1 and at the decode batch (ragged if set): a float mask keeps a call off the flash kernel."""
+    steps = max(ctx.settings.count_steps, 1)
+    results: dict[str, Any] = {}
+    for b in sorted({1, ctx.settings.decode_batch or 1}):
+        inputs = ctx.inputs_at(b, 3)
+        for which in WHICH:
+            seen = []
+            for n in (1, 1 + steps):
+                with counted_sdpa_masks() as counts:
+                    ctx.gen(which, inputs, n)()
+                seen.append(dict(counts))
+            for kind in ("float", "bool", "none"):
+                results[f"batch{b}_sdpa_{kind}_masks_per_step_{which}"] = (seen[1][kind] - seen[0][kind]) / steps
+    return results
+
+
 def measure_mask_builds(ctx: BenchContext) -> dict[str, Any]:
     """Attention masks built per decode step, (generate(1 + S) - generate(1)) / S: one shared by all the layers it
     serves, not one per layer (`num_layers` per step would be a rebuild in every layer)."""
@@ -502,15 +553,20 @@ def measure_nocache_flops(ctx: BenchContext) -> dict[str, Any]:
 
 def measure_nocache_decode(ctx: BenchContext) -> dict[str, Any]:
     """Decode time per token with `use_cache=False` (each step runs the whole sequence again): (generate(K) -
-    generate(1)) / (K - 1), K = `nocache_tokens`, at the main batch."""
+    generate(1)) / (K - 1), K = `nocache_tokens`, at the main batch; and the same for stock from prompts as long as
+    what ours keeps (the measured floor)."""
     n, repeats = ctx.settings.nocache_tokens, ctx.settings.repeats
+    kept = kept_length_prompts(ctx, ctx.inputs, cache_from_output(ctx.gen("ours", ctx.inputs, 1)()))
     per_token = {}
-    for which in WHICH:
-        one, many = (ctx.gen(which, ctx.inputs, k, use_cache=False) for k in (1, n))
+    for which in (*WHICH, "floor"):
+        side, inputs = ("stock", kept) if which == "floor" else (which, ctx.inputs)
+        one, many = (ctx.gen(side, inputs, k, use_cache=False) for k in (1, n))
         one()
         first = median_time(one, repeats)
         per_token[which] = per_step_time(median_time(many, repeats), first, n - 1)
     return dict(
+        nocache_decode_time_per_token_floor_s=per_token["floor"],
+        nocache_decode_time_vs_floor_ratio=ratio(per_token["ours"], per_token["floor"]),
         nocache_tokens=n,
         nocache_decode_time_per_token_ours_s=per_token["ours"],
         nocache_decode_time_per_token_stock_s=per_token["stock"],
@@ -521,59 +577,104 @@ def measure_nocache_decode(ctx: BenchContext) -> dict[str, Any]:
 # ---- long generations -------------------------------------------------------------------------------------------
 
 
-def measure_long_generation(ctx: BenchContext) -> dict[str, Any]:
+def kept_length_prompts(ctx: BenchContext, inputs: dict[str, torch.Tensor], cache: Any) -> dict[str, torch.Tensor]:
     """
-    One generate of max(`long_tokens`) tokens per side at batch 1, each forward timed and its cache measured: at
-    each length K of `long_tokens`, decode time per token over its first K tokens ((clock after forward K - clock
-    after the prefill) / (K - 1)) and the cache bytes after K tokens, with floors (time: a step at K/2 on the kept
-    keys; bytes: the kept entries, l * (P + K) + (L - l) * (P' + r * K), over L * (P + K)). One run each (no median).
+    The floor's prompts: per row of `inputs`, random text ids as many as that row's tokens in our sparse layers after
+    the prefill (its text plus the image tokens it kept), left padded, no image. Returns `input_ids` and
+    `attention_mask` `[batch, longest kept]`: stock decoding from them does only the work ours keeps.
     """
-    lengths = sorted(ctx.settings.long_tokens)
+    mask = inputs["attention_mask"]
+    image_id = ctx.model.config.image_token_id
+    lengths = [
+        int(mask[row].sum()) - int((inputs["input_ids"][row] == image_id).sum()) + sum(int(k.numel()) for k in kept)
+        for row, kept in enumerate(cache.kept_vision_indices)
+    ]
+    generator = torch.Generator().manual_seed(ctx.settings.seed + 11)
+    width = max(lengths)
+    vocab = min(image_id, ctx.model.config.get_text_config(decoder=True).vocab_size)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        input_ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=generator)
+        attention_mask[row, width - n :] = 1
+    return {"input_ids": input_ids.to(ctx.model.device), "attention_mask": attention_mask.to(ctx.model.device)}
+
+
+def step_times(clock: list[float], window: int = 32) -> list[float]:
+    """Seconds per decode step, averaged over consecutive windows of `window` steps (`clock[i]`: after forward i)."""
+    return [(clock[k + window] - clock[k]) / window for k in range(0, len(clock) - window, window)]
+
+
+def long_generation_at(ctx: BenchContext, batch: int, lengths: list[int]) -> dict[str, Any]:
+    """
+    One generate of max(`lengths`) tokens per side at `batch` rows (ragged if set), each forward timed and its
+    cache measured, and the floor: stock from prompts as long as what ours keeps (`kept_length_prompts`). At each
+    length K: decode time per token over the first K tokens ((clock after forward K - clock after the prefill) /
+    (K - 1)), ours / stock and ours / floor; cache bytes after K tokens, ours / stock, with the FLOP-counted floors
+    (time: a step at K/2 on the kept keys; bytes: l * (P + K) + (L - l) * (P' + r * K), over L * (P + K)). One run
+    each (no median). Keys: `long{K}_...` at batch 1, `long{K}_b{batch}_...` otherwise.
+    """
     longest = lengths[-1]
-    inputs = ctx.inputs_at(1, 5)
+    inputs = ctx.inputs_at(batch, 5)
     prompt = int(inputs["input_ids"].shape[1])
-    results: dict[str, Any] = {"memory": {}, "long_tokens": lengths}
-    tracks, kept = {}, None
-    for which in WHICH:
-        ctx.gen(which, inputs, 2)()  # warm-up
-        with tracked_forwards(ctx.model_of(which)) as track, peak_memory(ctx.device) as record:
-            out = ctx.gen(which, inputs, longest)()
+    tag = "" if batch == 1 else f"_b{batch}"
+    results: dict[str, Any] = {"memory": {}}
+    tracks, kept, floor_inputs = {}, None, None
+    for which in (*WHICH, "floor"):
+        side = "stock" if which == "floor" else which
+        run_inputs = floor_inputs if which == "floor" else inputs
+        ctx.gen(side, run_inputs, 2)()  # warm-up
+        with tracked_forwards(ctx.model_of(side)) as track, peak_memory(ctx.device) as record:
+            out = ctx.gen(side, run_inputs, longest)()
         tracks[which] = track
-        ctx.record_memory(results["memory"], f"long_generation_{longest}", which, record)
+        if which != "floor":
+            ctx.record_memory(results["memory"], f"long_generation_{longest}{tag}", which, record)
         if which == "ours":
             cache = cache_from_output(out)
             keep_rate, _ = output_text_keep(cache)
-            prefill_kept = int(cache.kept_lengths()[-1, 0]) - (longest - 1) * (
-                0 if isinstance(keep_rate, Unmeasured) else keep_rate
-            )
-            kept = (int(round(prefill_kept)), keep_rate)
+            rate = 0 if isinstance(keep_rate, Unmeasured) else keep_rate
+            kept = (int(round(int(cache.kept_lengths()[-1, 0]) - (longest - 1) * rate)), keep_rate)
+            floor_inputs = kept_length_prompts(ctx, inputs, cache)
         del out
     text = ctx.model.config.text_config
     layers, sparse_layer = text.num_hidden_layers, ctx.model.config.sparse_layer
     for k in lengths:
-        times = {
-            which: per_step_time(tracks[which]["clock"][k - 1], tracks[which]["clock"][0], k - 1) for which in WHICH
-        }
+        times = {w: per_step_time(tracks[w]["clock"][k - 1], tracks[w]["clock"][0], k - 1) for w in tracks}
         for which in WHICH:
-            results[f"long{k}_decode_time_per_token_{which}_s"] = times[which]
-            results[f"long{k}_cache_bytes_{which}"] = tracks[which]["bytes"][k - 1]
-        results[f"long{k}_decode_time_per_token_ratio"] = ratio(times["ours"], times["stock"])
-        results[f"long{k}_cache_bytes_ratio"] = ratio(
-            results[f"long{k}_cache_bytes_ours"], results[f"long{k}_cache_bytes_stock"]
+            results[f"long{k}{tag}_decode_time_per_token_{which}_s"] = times[which]
+            results[f"long{k}{tag}_cache_bytes_{which}"] = tracks[which]["bytes"][k - 1]
+        results[f"long{k}{tag}_decode_time_per_token_floor_s"] = times["floor"]
+        results[f"long{k}{tag}_decode_time_per_token_ratio"] = ratio(times["ours"], times["stock"])
+        results[f"long{k}{tag}_decode_time_vs_floor_ratio"] = ratio(times["ours"], times["floor"])
+        results[f"long{k}{tag}_cache_bytes_ratio"] = ratio(
+            results[f"long{k}{tag}_cache_bytes_ours"], results[f"long{k}{tag}_cache_bytes_stock"]
         )
         prefill_kept, keep_rate = kept
         if isinstance(keep_rate, Unmeasured):
-            results[f"long{k}_cache_bytes_floor_ratio"] = results[f"long{k}_decode_time_floor_ratio"] = keep_rate
+            results[f"long{k}{tag}_cache_bytes_floor_ratio"] = keep_rate
+            results[f"long{k}{tag}_decode_time_floor_ratio"] = keep_rate
             continue
         sparse_entries = prefill_kept + keep_rate * (k - 1)
         dense_entries = prompt + k - 1
-        results[f"long{k}_cache_bytes_floor_ratio"] = (
+        results[f"long{k}{tag}_cache_bytes_floor_ratio"] = (
             sparse_layer * dense_entries + (layers - sparse_layer) * sparse_entries
         ) / (layers * dense_entries)
         floor, dense = decode_step_flops(ctx, prompt + k // 2, prefill_kept + int(keep_rate * k / 2))
-        results[f"long{k}_decode_time_floor_ratio"] = floor / dense
-    results["long_generation_keep_rate"] = kept[1]
-    results["long_generation_curve"] = {which: tracks[which]["bytes"] for which in WHICH}
+        results[f"long{k}{tag}_decode_time_floor_ratio"] = floor / dense
+    results[f"long_generation{tag}_keep_rate"] = kept[1]
+    results[f"long_generation{tag}_curve"] = {which: tracks[which]["bytes"] for which in WHICH}
+    results[f"long_generation{tag}_time_curve"] = {w: step_times(tracks[w]["clock"]) for w in tracks}
+    return results
+
+
+def measure_long_generation(ctx: BenchContext) -> dict[str, Any]:
+    """`long_generation_at` each batch of `long_batches` (batch 1 first), one results dict."""
+    lengths = sorted(ctx.settings.long_tokens)
+    results: dict[str, Any] = {"memory": {}, "long_tokens": lengths, "long_batches": ctx.settings.long_batches}
+    for batch in ctx.settings.long_batches:
+        part = long_generation_at(ctx, batch, lengths)
+        results["memory"].update(part.pop("memory"))
+        results.update(part)
     return results
 
 

@@ -212,6 +212,7 @@ def run_bench(
     budget_tokens: int | None = None,
     count_steps: int = 64,
     long_tokens: Sequence[int] | None = None,
+    long_batches: Sequence[int] = (1,),
     nocache_tokens: int = 8,
     progress: bool = True,
     image_size: Sequence[int] | None = None,
@@ -236,6 +237,8 @@ def run_bench(
             `new_tokens`) fits, ours and stock, by bisection with real generates; tokens/s at each one's largest.
         count_steps: decode steps over which aten ops, host syncs and attention masks per step are counted (0: not).
         long_tokens: lengths of the long generations (default 512, 1024 on the CPU; 1024, 2048 on CUDA); (): none.
+        long_batches: batch sizes of the long generations (default 1; rows ragged if `ragged`), each with its floor
+            (stock from prompts as long as what ours keeps).
         nocache_tokens: new tokens of the `use_cache=False` decode timing (0 or 1: not run).
         image_size: (height, width) of the bench's image for a base that takes any size (LLaVA-NeXT, Qwen2.5-VL;
             default: the preset's, else the base's bench image, `bench.bases`); LLaVA-1.5's is its tower's.
@@ -259,7 +262,7 @@ def run_bench(
     bench = _bench_settings(
         cuda, batch_size, new_tokens, repeats, seed, ragged, throughput_tokens, throughput_batch, throughput_batches,
         decode_batch, compiled, compile_batches, compile_mode, memory_budget_gb, budget_tokens, count_steps,
-        long_tokens, nocache_tokens,
+        long_tokens, long_batches, nocache_tokens,
     )  # fmt: skip
     ctx = _context(model, preset, image_size, bench, device, sparsity)
     text = model.config.text_config
@@ -338,11 +341,13 @@ def _bench_settings(cuda: bool, batch_size: int, new_tokens: int, repeats: int, 
                     throughput_tokens: int, throughput_batch: int, throughput_batches: Sequence[int] | None,
                     decode_batch: int | None, compiled: bool | None, compile_batches: Sequence[int] | None,
                     compile_mode: str | None, memory_budget_gb: float | None, budget_tokens: int | None,
-                    count_steps: int, long_tokens: Sequence[int] | None,
+                    count_steps: int, long_tokens: Sequence[int] | None, long_batches: Sequence[int],
                     nocache_tokens: int) -> BenchSettings:  # fmt: skip
     """`run_bench`'s arguments as the run's settings, defaults resolved (by device where they depend on it)."""
     if throughput_batches is None:
         throughput_batches = sorted({1, throughput_batch, *THROUGHPUT_BATCHES[2:]})
+    if not long_batches or any(int(b) < 1 for b in long_batches):
+        raise ValueError(f"long_batches must be positive batch sizes, got {list(long_batches)}")
     long_tokens = LONG_TOKENS["cuda" if cuda else "cpu"] if long_tokens is None else long_tokens
     bench = BenchSettings(
         batch_size=batch_size,
@@ -362,6 +367,7 @@ def _bench_settings(cuda: bool, batch_size: int, new_tokens: int, repeats: int, 
         budget_tokens=budget_tokens or new_tokens,
         count_steps=count_steps,
         long_tokens=sorted({int(k) for k in long_tokens if int(k) >= 2}),
+        long_batches=sorted({int(b) for b in long_batches}),
         nocache_tokens=nocache_tokens,
     )
     return bench
@@ -388,6 +394,7 @@ def _plan(ctx: BenchContext, calibrate: bool) -> list[tuple[str, Callable[[dict[
     if s.count_steps:
         plan.append(("ops and syncs per step", lambda r: measures.measure_ops_per_step(ctx)))
         plan.append(("attention masks per step", lambda r: measures.measure_mask_builds(ctx)))
+        plan.append(("SDPA masks per step", lambda r: measures.measure_sdpa_masks(ctx)))
     plan.append(("tokens/s", lambda r: measures.measure_throughput(ctx)))
     if s.long_tokens:
         plan.append((f"long generation {s.long_tokens[-1]}", lambda r: measures.measure_long_generation(ctx)))
@@ -454,6 +461,13 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | Non
             _flops,
         ),
         ("prefill time", "prefill_time_ratio", "prefill_time_floor_ratio", "prefill_time_{}_s", _seconds),
+        (
+            "prefill time, ours / stock on the kept length (measured floor)",
+            "prefill_time_vs_floor_ratio",
+            None,
+            None,
+            None,
+        ),
         (
             "prefill LLM FLOPs, attention scorer (FastV)",
             "attention_scorer_prefill_llm_flops_ratio",
@@ -537,6 +551,15 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | Non
             _seconds,
         )
     )
+    rows.append(
+        (
+            "decode time/token, no cache, ours / stock on the kept length (measured floor)",
+            "nocache_decode_time_vs_floor_ratio",
+            None,
+            None,
+            None,
+        )
+    )
     return rows + _later_rows(results)
 
 
@@ -546,23 +569,33 @@ def _later_rows(
     """`_rows` of the long generations, the compiled runs and the memory measures."""
     b = results.get("batch_size", 1)
     rows: list = []
-    for n in results.get("long_tokens", []):
-        rows += [
-            (
-                f"long generation: decode time/token over {n} tokens, batch 1",
-                f"long{n}_decode_time_per_token_ratio",
-                f"long{n}_decode_time_floor_ratio",
-                f"long{n}_decode_time_per_token_{{}}_s",
-                _seconds,
-            ),
-            (
-                f"long generation: cache bytes after {n} tokens",
-                f"long{n}_cache_bytes_ratio",
-                f"long{n}_cache_bytes_floor_ratio",
-                f"long{n}_cache_bytes",
-                _bytes,
-            ),
-        ]
+    for batch in results.get("long_batches", [1]):
+        tag = "" if batch == 1 else f"_b{batch}"
+        rows_of = "batch 1" if batch == 1 else f"batch {batch}" + (" ragged" if results.get("ragged_rows") else "")
+        for n in results.get("long_tokens", []):
+            rows += [
+                (
+                    f"long generation: decode time/token over {n} tokens, {rows_of}",
+                    f"long{n}{tag}_decode_time_per_token_ratio",
+                    f"long{n}{tag}_decode_time_floor_ratio",
+                    f"long{n}{tag}_decode_time_per_token_{{}}_s",
+                    _seconds,
+                ),
+                (
+                    f"long generation: same, ours / stock on the kept length (measured floor), {rows_of}",
+                    f"long{n}{tag}_decode_time_vs_floor_ratio",
+                    None,
+                    None,
+                    None,
+                ),
+                (
+                    f"long generation: cache bytes after {n} tokens, {rows_of}",
+                    f"long{n}{tag}_cache_bytes_ratio",
+                    f"long{n}{tag}_cache_bytes_floor_ratio",
+                    f"long{n}{tag}_cache_bytes",
+                    _bytes,
+                ),
+            ]
     rows += [
         ("overhead, prefill time (sparsity off)", "overhead_prefill_time_ratio", None, None, None),
         ("overhead, decode time (sparsity off)", "overhead_decode_time_ratio", None, None, None),
@@ -665,6 +698,11 @@ def format_table(results: dict[str, Any]) -> str:
             f"| attention masks built/decode step ({results['num_layers']} layers) | "
             f"{_count(results['masks_per_step_ours'])} | {_count(results['masks_per_step_stock'])} | | |"
         )
+    sdpa_batches = sorted({int(k[5:].split("_")[0]) for k in results if k.endswith("_sdpa_float_masks_per_step_ours")})
+    for b in sdpa_batches:
+        for kind in ("float", "bool", "none"):
+            ours, stock = (_count(results[f"batch{b}_sdpa_{kind}_masks_per_step_{w}"]) for w in ("ours", "stock"))
+            lines.append(f"| SDPA calls/decode step with a {kind} mask, batch {b} | {ours} | {stock} | | |")
     for which, error in results.get("compiled_errors", {}).items():
         lines.append(f"| compiled {which} failed | {error.splitlines()[0][:80]} | | | |")
     if "compiled_compile_wall_ours_s" in results or "compiled_compile_wall_stock_s" in results:
@@ -706,6 +744,9 @@ def write_outputs(results: dict[str, Any], folder: str | os.PathLike) -> dict[st
                 plots["written"].append(name)
         _plot_layers(plt, results["prefill_flops_by_layer"], folder / "prefill_flops_by_layer.png")
         plots["written"].append("prefill_flops_by_layer.png")
+        if "long_tokens" in results:
+            _plot_long(plt, results, folder / "long_generation.png")
+            plots["written"].append("long_generation.png")
     results = dict(results, plots=plots)
     atomic_write_text(folder / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
     return plots
@@ -720,6 +761,30 @@ def _plot_curves(plt: Any, curve: dict[str, list[int]], title: str, path: Path) 
     ax.set_ylabel("KV cache (MiB)")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_long(plt: Any, results: dict[str, Any], path: Path) -> None:
+    """Two panels over the generated tokens of the long generations, each batch: decode time per token (32-step
+    windows; ours, stock, and stock on the kept length) and cache bytes (ours, stock)."""
+    fig, (time_ax, bytes_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"ours": "-", "stock": "--", "floor": ":"}
+    for batch in results.get("long_batches", [1]):
+        tag = "" if batch == 1 else f"_b{batch}"
+        for which, values in results.get(f"long_generation{tag}_time_curve", {}).items():
+            label = f"{'stock, kept length' if which == 'floor' else which}, batch {batch}"
+            xs = [32 * (i + 1) for i in range(len(values))]
+            time_ax.plot(xs, [v * 1e3 for v in values], styles[which], label=label)
+        for which, values in results.get(f"long_generation{tag}_curve", {}).items():
+            bytes_ax.plot(
+                range(1, len(values) + 1), [b / 2**20 for b in values], styles[which], label=f"{which}, batch {batch}"
+            )
+    time_ax.set(xlabel="generated tokens", ylabel="decode time per token (ms)", title="Decode time per token")
+    bytes_ax.set(xlabel="generated tokens", ylabel="KV cache (MiB)", title="Cache bytes")
+    time_ax.legend(fontsize=7)
+    bytes_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

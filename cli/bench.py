@@ -88,6 +88,13 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-long", action="store_true", help="skip the long generations")
     parser.add_argument(
+        "--long-batches",
+        type=int_list,
+        default=[1],
+        metavar="B1,B2,...",
+        help="batch sizes of the long generations (default 1; ragged rows unless --no-ragged)",
+    )
+    parser.add_argument(
         "--nocache-tokens",
         type=non_negative_int,
         default=8,
@@ -138,6 +145,7 @@ def run_bench_kwargs(args: argparse.Namespace, accepted: Collection[str]) -> dic
         memory_budget_gb=args.memory_budget,
         count_steps=args.count_steps,
         long_tokens=() if args.no_long else args.long_tokens,
+        long_batches=args.long_batches,
         nocache_tokens=args.nocache_tokens,
         budget_tokens=args.budget_tokens,
         progress=not args.no_progress,

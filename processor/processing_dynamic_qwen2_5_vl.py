@@ -78,6 +78,9 @@ class DynamicQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
     # transformers 4.57 reads the sub-processors from `attributes`; newer versions from the `__init__` signature
     attributes = ["image_processor", "tokenizer"]
+    # the tokenizer class the folder's tokenizer_config.json names (4.57 would build its fixed Qwen2 classes from
+    # any tokenizer.json, with a warning when the folder names another one); a Qwen checkpoint names Qwen2Tokenizer
+    tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         if kwargs.get("video_processor") is not None:

@@ -19,13 +19,13 @@ export PYTHONPATH="$PKG_PARENT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${1:-}" == "--dry-run" ]]; then
   ARGS=(--preset tiny --device cpu --new-tokens 8 --repeats 1 --batch-sizes 1,2 --throughput-tokens 4
-        --decode-batch 2 --count-steps 2 --long-tokens 16,32 --nocache-tokens 3 --memory-budget 0.012
+        --decode-batch 2 --count-steps 2 --long-tokens 16,32 --long-batches 1,2 --nocache-tokens 3 --memory-budget 0.012
         --budget-tokens 4)
   LIMIT=170  # about 15 s on an idle 2-core CPU; the limit leaves room for a busy one
 else
   # 7B in bf16: ~14 GB of weights per model (both loaded); the budget leaves room for the KV caches of large batches
   ARGS=(--preset llava15-7b --device cuda --dtype bfloat16 --new-tokens 128 --repeats 3 --batch-sizes 1,8,32
-        --throughput-tokens 32 --decode-batch 8 --count-steps 8 --long-tokens 1024,2048 --nocache-tokens 4
+        --throughput-tokens 32 --decode-batch 8 --count-steps 8 --long-tokens 1024,2048 --long-batches 1,8 --nocache-tokens 4
         --memory-budget 60 --budget-tokens 32 --compile-batches 1)
   LIMIT=480
 fi

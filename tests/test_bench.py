@@ -209,4 +209,6 @@ def test_gpu_bench_script_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["preset"] == "tiny" and "long32_cache_bytes_ratio" in saved and "max_batch_ours" in saved
-    assert "| long generation: cache bytes after 32 tokens |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| long generation: cache bytes after 32 tokens, batch 1 |" in table
+    assert "| long generation: cache bytes after 32 tokens, batch 2 ragged |" in table

@@ -155,8 +155,10 @@ def freeze_parts(model, freeze_vision_tower: bool = True, freeze_projector: bool
     frozen = []
     if freeze_vision_tower:
         frozen.append(model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual)
-    if freeze_projector:
+    if freeze_projector:  # (LLaVA-NeXT's image_newline belongs with its projector)
         frozen.append(getattr(model.model, "multi_modal_projector", None) or model.model.visual.merger)
+        if isinstance(getattr(model.model, "image_newline", None), torch.nn.Parameter):
+            model.model.image_newline.requires_grad_(False)
     if freeze_llm:
         frozen += [model.model.language_model, model.lm_head]
     for module in frozen:

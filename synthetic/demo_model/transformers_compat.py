@@ -33,6 +33,9 @@ __all__ = [
     "dense_causal_mask",
     "decoder_layer_kwargs",
     "hub_key",
+    "predictor_keys_kept",
+    "legacy_rope_fields",
+    "rope_index_takes_token_types",
     "image_features_list",
     "keep_in_fp32_names",
     "layer_output",
@@ -154,6 +157,20 @@ def keep_in_fp32_names(names: list[str], parent: str) -> list[str]:
     return list(names) if TRANSFORMERS_MAJOR < 5 else [f"{parent}.{name}" for name in names]
 
 
+def predictor_keys_kept(mapping: dict[str, str] | None, names: list[str], parent: str = "model") -> dict[str, str]:
+    """
+    A base class's `_checkpoint_conversion_mapping` that leaves the predictors' keys (`parent.<name>.*`) as they
+    are. 4.57's Qwen2.5-VL maps every `model.*` key that is neither its language model nor its tower into
+    `model.language_model.*` (the old checkpoint layout), which would load a trained folder's predictors nowhere:
+    an identity entry per predictor comes first (4.57 applies the first pattern that matches, and reverses each one
+    on save). No effect where the mapping is empty or unused (5.x). Goes with 4.57.
+    """
+    if not mapping:
+        return dict(mapping or {})
+    kept = {f"^{parent}.{name}": f"{parent}.{name}" for name in names}
+    return {**kept, **mapping}
+
+
 def image_features_list(output: Any) -> list[torch.Tensor]:
     """`get_image_features` returns a list in 4.57 and `BaseModelOutputWithPooling(pooler_output=list)` in 5.x."""
     return list(output.pooler_output if hasattr(output, "pooler_output") else output)
@@ -192,6 +209,24 @@ def hub_key(key: str) -> str:
     if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
         return prefix + "vision_model." + key[len(prefix) :]
     return key
+
+
+def legacy_rope_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """
+    The rotary fields 4.57 reads (`rope_theta`, and `rope_scaling` where the rope is not the default one or has
+    M-RoPE sections) for a config dict written by 5.x, which keeps them in `rope_parameters` only; {} where the dict
+    has them already or has no `rope_parameters`. 5.x reads the legacy fields of real Hub configs the same way, so a
+    file with both loads alike on both majors. Goes with 4.57.
+    """
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config:
+        return {}
+    fields = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    special = scaling.get("rope_type", "default") != "default" or "mrope_section" in scaling
+    if "rope_scaling" not in config and special:
+        fields["rope_scaling"] = scaling
+    return fields
 
 
 def config_dtype_field(config: Any) -> str:
@@ -261,14 +296,21 @@ def rotate_queries(attention: Any, queries: torch.Tensor, rope: tuple, keys: tor
     return rotated[0] if keys is None else rotated
 
 
+def rope_index_takes_token_types() -> bool:
+    """Whether the installed `Qwen2_5_VLModel.get_rope_index` takes `mm_token_type_ids` (5.x after 5.0; its
+    processor returns them by default, and the stock model finds images by them). Goes with 4.57 and 5.0."""
+    from transformers import Qwen2_5_VLModel
+
+    return "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.get_rope_index).parameters
+
+
 def qwen_rope_index(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor, attention_mask: torch.Tensor):
     """
     The stock M-RoPE positions of a Qwen2.5-VL chunk (`get_rope_index`, as if the chunk started the sequence): 5.x
     takes the modality of each token (`mm_token_type_ids`: 1 at image tokens), 4.57 finds images by their
     vision-start tokens. Returns `([3, batch, q]` positions, `[batch, 1]` offsets). Goes with 4.57.
     """
-    parameters = inspect.signature(model.get_rope_index).parameters
-    if "mm_token_type_ids" in parameters:
+    if rope_index_takes_token_types():
         types = (input_ids == model.config.image_token_id).int()
         return model.get_rope_index(
             input_ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
