@@ -117,10 +117,18 @@ def reference_texts(model, processor, batch_size: int = BATCH) -> list[str]:
     return texts
 
 
-def test_plugin_run_equals_evaluate(work, task_dir):
-    """`--model dynamic_llava` with `vision_keep_tokens` per call, batch 4: accuracy and keep rates = evaluate."""
-    run = run_lmms_eval(work, "plugin", "dynamic_llava", f"pretrained={DEMO_MODEL},vision_keep_tokens={KEEP}", task_dir)
-    model, processor = load_local(DEMO_MODEL, dtype=torch.float32)
+@pytest.mark.parametrize("base", ["llava", "qwen2_5_vl"])
+def test_plugin_run_equals_evaluate(work, task_dir, base):
+    """`--model dynamic_llava` with `vision_keep_tokens` per call, batch 4, on each shipped demo model (the folder's
+    chat template renders the task's messages): accuracy and keep rates = evaluate."""
+    from dynamic_llava.package_data import DEMO_MODELS
+    from dynamic_llava.synthetic.bases import TOKENS_PER_IMAGE
+
+    folder = DEMO_MODELS[base]
+    run = run_lmms_eval(
+        work, f"plugin-{base}", "dynamic_llava", f"pretrained={folder},vision_keep_tokens={KEEP}", task_dir
+    )
+    model, processor = load_local(folder, dtype=torch.float32)
     model.eval()
     saved = model.config.vision_keep_tokens
     model.config.vision_keep_tokens = KEEP  # what the per-call argument sets, for evaluate_synthetic's calls
@@ -135,7 +143,7 @@ def test_plugin_run_equals_evaluate(work, task_dir):
     assert scores["accuracy,none"] == expected["accuracy"]
     # the sparsity actually achieved, next to the score and in the throughput summary
     assert scores["vision_tokens_kept,none"] == KEEP
-    assert scores["vision_keep_rate,none"] == expected["vision_keep_rate"] == KEEP / model.config.image_seq_length
+    assert scores["vision_keep_rate,none"] == expected["vision_keep_rate"] == KEEP / TOKENS_PER_IMAGE
     assert math.isclose(scores["output_text_keep_rate,none"], expected["output_text_keep_rate"], rel_tol=1e-12)
     assert 0 < scores["kv_bytes_ratio,none"] < 1
     throughput = run["results"]["throughput"]
@@ -150,7 +158,7 @@ def test_plugin_run_equals_evaluate(work, task_dir):
     )
     assert math.isclose(throughput["avg_dl_kv_bytes_ratio"], scores["kv_bytes_ratio,none"], rel_tol=1e-9)
     for doc_id, sample in run["samples"].items():  # per sample, in --log_samples
-        assert sample["vision_keep_rate"] == [KEEP, model.config.image_seq_length], doc_id
+        assert sample["vision_keep_rate"] == [KEEP, TOKENS_PER_IMAGE], doc_id
     assert "Throughput Summary" in run["log"] and "avg_dl_kv_bytes_ratio" in run["log"]
 
 
