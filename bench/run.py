@@ -541,26 +541,28 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | Non
         for measure, label in (("aten_ops", "aten ops"), ("host_syncs", "host syncs")):
             key = f"batch{n}_{measure}_per_step"
             rows.append((f"{label}/decode step, batch {n}", f"{key}_ratio", None, f"{key}_{{}}", _count))
-    k = results.get("nocache_tokens")
-    rows.append(
+    return rows + _nocache_rows(results) + _later_rows(results)
+
+
+def _nocache_rows(results: dict[str, Any]) -> list:
+    """`_rows` of the decoding without a cache: time per token with its FLOP floor, and ours / the measured floor."""
+    k, b = results.get("nocache_tokens"), results.get("batch_size", 1)
+    return [
         (
             f"decode time/token, no cache ({k} tokens), batch {b}",
             "nocache_decode_time_per_token_ratio",
             "nocache_decode_flops_floor_ratio",
             "nocache_decode_time_per_token_{}_s",
             _seconds,
-        )
-    )
-    rows.append(
+        ),
         (
             "decode time/token, no cache, ours / stock on the kept length (measured floor)",
             "nocache_decode_time_vs_floor_ratio",
             None,
             None,
             None,
-        )
-    )
-    return rows + _later_rows(results)
+        ),
+    ]
 
 
 def _later_rows(
