@@ -245,7 +245,7 @@ class DynamicQwen2_5_VLForConditionalGeneration(SparseGenerationMixin, Qwen2_5_V
     _image_input_names = ("pixel_values", "image_grid_thw")
     _checkpoint_conversion_mapping = predictor_keys_kept(
         getattr(Qwen2_5_VLForConditionalGeneration, "_checkpoint_conversion_mapping", None), list(PREDICTORS)
-    )
+    )  # (4.57 and 5.0 would move the predictors' keys into the language model)
 
     def __init__(self, config: DynamicQwen2_5_VLConfig):
         # Qwen2_5_VLForConditionalGeneration.__init__ would build a stock Qwen2_5_VLModel first; build ours directly

@@ -64,19 +64,28 @@ def test_rotary_fields_4_57_reads_are_added_to_a_5x_config_once():
 def test_the_predictors_keys_are_left_where_they_are_by_a_base_key_mapping():
     import re
 
-    mapping = compat.predictor_keys_kept(
-        {"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"},
-        ["image_score_predictor", "output_text_score_predictor"],
-    )
+    stock = {"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
+    mapping = compat.predictor_keys_kept(stock, ["image_score_predictor", "output_text_score_predictor"])
 
-    def load(key):  # as 4.57's from_pretrained applies a key mapping: the first pattern that matches
+    def first_match(key):  # as 4.57's from_pretrained applies a key mapping
         for pattern, replacement in mapping.items():
             new, n = re.subn(pattern, replacement, key)
             if n:
                 return new
         return key
 
-    assert load("model.image_score_predictor.output_mlp.0.weight") == "model.image_score_predictor.output_mlp.0.weight"
-    assert load("model.output_text_score_predictor.x") == "model.output_text_score_predictor.x"
-    assert load("model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+    def one_after_another(key):  # as 5.0's does
+        for pattern, replacement in mapping.items():
+            key = re.sub(pattern, replacement, key)
+        return key
+
+    for load in (first_match, one_after_another):
+        for key in ("model.image_score_predictor.output_mlp.0.weight", "model.output_text_score_predictor.x"):
+            assert load(key) == key
+        assert load("model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+        assert load("visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0.attn.qkv.weight"
+    # 4.57's save_pretrained reverses a pattern by dropping its groups: the same key prefix as the stock pattern's
+    assert [re.sub(r"\(.*\)", "", p.lstrip("^")) for p in mapping] == [
+        re.sub(r"\(.*\)", "", p.lstrip("^")) for p in stock
+    ]
     assert compat.predictor_keys_kept(None, ["image_score_predictor"]) == {}

@@ -157,18 +157,21 @@ def keep_in_fp32_names(names: list[str], parent: str) -> list[str]:
     return list(names) if TRANSFORMERS_MAJOR < 5 else [f"{parent}.{name}" for name in names]
 
 
-def predictor_keys_kept(mapping: dict[str, str] | None, names: list[str], parent: str = "model") -> dict[str, str]:
+def predictor_keys_kept(mapping: dict[str, str] | None, names: list[str]) -> dict[str, str]:
     """
-    A base class's `_checkpoint_conversion_mapping` that leaves the predictors' keys (`parent.<name>.*`) as they
-    are. 4.57's Qwen2.5-VL maps every `model.*` key that is neither its language model nor its tower into
-    `model.language_model.*` (the old checkpoint layout), which would load a trained folder's predictors nowhere:
-    an identity entry per predictor comes first (4.57 applies the first pattern that matches, and reverses each one
-    on save). No effect where the mapping is empty or unused (5.x). Goes with 4.57.
+    A base class's `_checkpoint_conversion_mapping` that leaves the predictors' keys (`model.<name>.*`) as they are.
+    4.57's and 5.0's Qwen2.5-VL map every `model.*` key that is neither the language model nor the tower into
+    `model.language_model.*` (`^model(?!\\.(language_model|visual))`, for the old checkpoint layout), which would
+    load a trained folder's predictors nowhere: the predictors join that pattern's exclusions. Loading applies the
+    patterns first-match (4.57) or one after another (5.0); saving (4.57) reverses each by dropping its group, so
+    the edited pattern saves as the stock one does. No effect where no pattern has such an exclusion (5.x after 5.0
+    do not use the mapping). Goes with 5.0.
     """
-    if not mapping:
-        return dict(mapping or {})
-    kept = {f"^{parent}.{name}": f"{parent}.{name}" for name in names}
-    return {**kept, **mapping}
+    exclusion = "(?!\\.("
+    return {
+        pattern.replace(exclusion, exclusion + "|".join(names) + "|", 1): target
+        for pattern, target in (mapping or {}).items()
+    }
 
 
 def image_features_list(output: Any) -> list[torch.Tensor]:
