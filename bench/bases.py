@@ -38,8 +38,9 @@ class BenchBase:
 
     name = "llava"
 
-    def build_config(self, spec: dict) -> Any:
-        """The Dynamic config of a preset spec (`bench.presets.PRESETS[name]`)."""
+    def build_config(self, spec: dict, **fields: Any) -> Any:
+        """The Dynamic config of a preset spec (`bench.presets.PRESETS[name]`): a Llama LM and a CLIP tower, plus the
+        base's own config `fields`."""
         vision = spec["vision"]
         return BASES[self.name].load_config_class()(
             text_config=dict(model_type="llama", pad_token_id=0, bos_token_id=1, eos_token_id=2, **spec["text"]),
@@ -48,6 +49,7 @@ class BenchBase:
             image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
             pad_token_id=0,
             **_sparsity(spec),
+            **fields,
         )
 
     def image_size(self, config: Any, requested: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -98,18 +100,13 @@ class LlavaNextBench(BenchBase):
 
     name = "llava_next"
 
-    def build_config(self, spec: dict) -> Any:
-        vision = spec["vision"]
-        return BASES[self.name].load_config_class()(
-            text_config=dict(model_type="llama", pad_token_id=0, bos_token_id=1, eos_token_id=2, **spec["text"]),
-            vision_config=dict(model_type="clip_vision_model", projection_dim=vision["hidden_size"], **vision),
-            image_token_index=spec.get("image_token_id", 32000),
+    def build_config(self, spec: dict, **fields: Any) -> Any:
+        return super().build_config(
+            spec,
             image_grid_pinpoints=[list(p) for p in spec["image_grid_pinpoints"]],
-            image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
             vision_feature_select_strategy="default",
             vision_feature_layer=-2,
-            pad_token_id=0,
-            **_sparsity(spec),
+            **fields,
         )
 
     def image_size(self, config: Any, requested: tuple[int, int] | None) -> tuple[int, int]:

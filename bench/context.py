@@ -193,7 +193,9 @@ class BenchContext:
     device: str
     sparsity: dict[str, Any]
     weights: dict[str, int] = field(init=False)
-    artifacts: dict[str, Any] = field(default_factory=dict)  # what one measure hands to a later one (a sequence)
+    artifacts: dict[str, Any] = field(
+        default_factory=dict
+    )  # what one measure hands to a later one (a sequence, the floor's prompts)
 
     def __post_init__(self) -> None:
         self.weights = {"ours": weight_bytes(self.model), "stock": weight_bytes(self.stock)}

@@ -14,11 +14,16 @@ from dynamic_llava.hub.export import export_model
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def quickstart_code() -> str:
-    text = README.read_text()
-    block = re.search(r"<!-- quickstart -->\s*```python\n(.*?)```\s*<!-- /quickstart -->", text, re.S)
-    assert block, "README.md has no quickstart block"
+def readme_block(name: str, language: str) -> str:
+    """The code of the README's ```language block between `<!-- name -->` and `<!-- /name -->`."""
+    pattern = rf"<!-- {name} -->\s*```{language}\n(.*?)```\s*<!-- /{name} -->"
+    block = re.search(pattern, README.read_text(), re.S)
+    assert block, f"README.md has no {name} block"
     return block.group(1)
+
+
+def quickstart_code() -> str:
+    return readme_block("quickstart", "python")
 
 
 @pytest.mark.slow
@@ -45,13 +50,6 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     assert "generated_text" in run.stdout
 
 
-def recipe_block() -> str:
-    text = README.read_text()
-    block = re.search(r"<!-- new-base-recipe -->\s*```bash\n(.*?)```\s*<!-- /new-base-recipe -->", text, re.S)
-    assert block, "README.md has no new-base recipe block"
-    return block.group(1)
-
-
 @pytest.mark.slow
 def test_readme_recipe_for_a_new_base_runs_as_written(tmp_path):
     """The `init` + `train` recipe verbatim, in an empty folder (the repository's `scripts/` beside it, as in a
@@ -60,7 +58,7 @@ def test_readme_recipe_for_a_new_base_runs_as_written(tmp_path):
     bin_dir = str(Path(sys.executable).parent)  # `python` and `dynamic-llava` of this environment, as once activated
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=bin_dir + os.pathsep + os.environ["PATH"])
     run = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", recipe_block()],
+        ["bash", "-euo", "pipefail", "-c", readme_block("new-base-recipe", "bash")],
         capture_output=True,
         text=True,
         env=env,

@@ -162,9 +162,12 @@ def encode_with_chat_template(
     """
     messages = chat_messages(turns)
     images = [image] if image is not None else None
+    encoded_texts: dict[str, dict[str, Any]] = {}  # each rendering through the processor once
 
     def ids_of(text: str) -> dict[str, Any]:
-        return processor(text=[text], images=images, return_tensors="pt")
+        if text not in encoded_texts:
+            encoded_texts[text] = processor(text=[text], images=images, return_tensors="pt")
+        return encoded_texts[text]
 
     spans, previous = [], ""
     for end in range(2, len(messages) + 1, 2):
@@ -181,8 +184,9 @@ def encode_with_chat_template(
     input_ids = encoded["input_ids"][0]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for prompt, answered in spans:
-        start, stop = (ids_of(text)["input_ids"].shape[1] for text in (prompt, answered))
-        if not torch.equal(ids_of(answered)["input_ids"][0], input_ids[:stop]):
+        start, answered_ids = ids_of(prompt)["input_ids"].shape[1], ids_of(answered)["input_ids"][0]
+        stop = answered_ids.numel()
+        if not torch.equal(answered_ids, input_ids[:stop]):
             raise DataError("the tokenizer merges tokens across a turn boundary: the answer spans are not exact")
         labels[start:stop] = input_ids[start:stop]
     image_inputs = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
