@@ -55,8 +55,9 @@ class PredictorAttention(nn.Module):
         """x: `[images, tokens, d]` -> `[images, tokens, d]`."""
         n, t, d = x.shape
         q, k, v = self.qkv(x).reshape(n, t, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        out = attn.softmax(dim=-1) @ v
+        # softmax(q k^T * scale) v, the original's eager product, in SDPA's fused kernel (no tokens x tokens
+        # matrix kept; the same values to float32 rounding)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 

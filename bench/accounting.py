@@ -1,8 +1,9 @@
 """FLOP and KV-byte accounting of the bench.
 
-* FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` with attention as plain matmuls (eager), so that
-  CPU sdpa kernels, which the counter does not see, are counted too: 4 * heads * queries * keys * head_dim per layer,
-  whatever the mask.
+* FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` with the decoder's attention as plain matmuls
+  (eager): 4 * heads * queries * keys * head_dim per layer, whatever the mask. SDPA calls that stay (the predictor's
+  attention) are counted by the same formula: the counter knows the GPU kernels, `flop_counter_mode()` adds the CPU
+  one.
 * KV bytes are read from the caches themselves (ours: `stored_bytes()`; stock: the `DynamicCache` tensors).
 """
 
@@ -13,13 +14,29 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import sparse_flow
 from ..transformers_compat import CACHE_KEY
 from .bases import bench_base
 
-__all__ = ["cache_bytes", "eager_attention", "layer_flops", "per_layer_flops"]
+__all__ = ["cache_bytes", "eager_attention", "entry_bytes", "flop_counter_mode", "layer_flops", "per_layer_flops"]
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """A `FlopCounterMode` that also counts SDPA's CPU kernel (the counter registers only the GPU ones), with
+    torch's own SDPA formula (4 * batch * heads * queries * keys * head_dim, the eager matmuls' count)."""
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {} if cpu_sdpa is None else {cpu_sdpa: _sdpa_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _sdpa_flops(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kw: Any
+) -> int:
+    """SDPA's FLOPs from its shapes (the counter passes shapes; torch's `sdpa_flop_count`)."""
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def cache_bytes(cache: Any) -> int:
@@ -32,6 +49,15 @@ def cache_bytes(cache: Any) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
+
+
+def entry_bytes(cache: Any) -> int:
+    """Bytes of the entries a cache keeps, row by row: ours' kept count of each row in each layer (without the
+    padding of shorter rows to the longest kept row that its rectangular storage holds); a stock cache's storage."""
+    if not hasattr(cache, "kept_lengths"):
+        return cache_bytes(cache)
+    lengths = cache.kept_lengths()  # [layers, batch]
+    return sum(int(lengths[i].sum()) * layer.bytes_per_token() for i, layer in enumerate(cache.layers))
 
 
 @contextlib.contextmanager
@@ -58,7 +84,7 @@ def per_layer_flops(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
     """
     lm = model.model.language_model
     result = {"layers": [0] * len(lm.layers), "predictors": 0, "scorers": 0, "total": 0}
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter_mode()
     marks = {}
     handles = []
 
@@ -125,7 +151,7 @@ def layer_flops(stock: torch.nn.Module, tokens: int, keys: int | None = None) ->
     mask = torch.ones(1, 1, tokens, keys, dtype=torch.bool, device=stock.device)
     positions = torch.arange(tokens, device=stock.device)[None]
     rope = lm.rotary_emb(hidden, bench_base(stock.config).rope_positions(positions))
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter_mode()
     mask = torch.zeros(mask.shape, dtype=stock.dtype, device=stock.device)  # eager: an additive float mask
     with counter, torch.no_grad(), eager_attention(stock):
         if keys > tokens:  # attention over a past: emulate it with a key/value prefix through a plain cache

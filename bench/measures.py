@@ -20,7 +20,7 @@ import torch
 from .. import sparse_flow
 from ..sparse_cache import cache_from_output
 from ..training.calibration import calibrate_output_text_bias
-from .accounting import cache_bytes, layer_flops, per_layer_flops
+from .accounting import cache_bytes, entry_bytes, layer_flops, per_layer_flops
 from .bases import bench_base
 from .context import WHICH, BenchContext, Unmeasured, per_step_time, ratio, timed
 from .counting import per_decode_step
@@ -186,7 +186,13 @@ def measure_prefill_time(ctx: BenchContext) -> dict[str, Any]:
 
     floor_prefill()
     floor = timed(median_time(floor_prefill, repeats))
+    parts = {
+        "ours": prefill_parts(ctx.model, prefill("ours"), repeats, ctx.model.config.sparse_layer),
+        "stock": prefill_parts(ctx.stock, prefill("stock"), repeats, ctx.model.config.sparse_layer),
+        "floor": prefill_parts(ctx.stock, floor_prefill, repeats, ctx.model.config.sparse_layer),
+    }
     return dict(
+        **prefill_parts_results(ctx, parts, forward["ours"]),
         prefill_time_measured_floor_s=floor,
         prefill_time_vs_floor_ratio=ratio(forward["ours"], floor),
         prefill_time_ours_s=forward["ours"],
@@ -203,16 +209,87 @@ def measure_prefill_time(ctx: BenchContext) -> dict[str, Any]:
 # ---- decoding with a cache --------------------------------------------------------------------------------------
 
 
+PREFILL_PARTS = ("vision", "dense_layers", "predictors", "sparse_layers", "head", "rest")
+
+
+def prefill_parts(
+    model: torch.nn.Module, forward: Callable[[], Any], repeats: int, sparse_layer: int
+) -> dict[str, float]:
+    """
+    Seconds per part of one prefill `forward()` of `model` (ours or stock, layers split at `sparse_layer`),
+    medians over `repeats` hooked runs (each part's hooks wait for CUDA work, so the parts add up to a slightly
+    slower forward than the unhooked one): `vision` (the inner model's children other than the language model and
+    the predictors: vision tower, projector), `dense_layers` (decoder layers below `sparse_layer`), `predictors`,
+    `sparse_layers` (the decoder layers from `sparse_layer` on), `head` (the LM head), `rest` (the forward less all
+    of these: embedding, merging, selection, masks, the final norm).
+    """
+    inner = model.model
+    layers = inner.language_model.layers
+    groups: dict[str, list[torch.nn.Module]] = {
+        "vision": [m for n, m in inner.named_children() if n != "language_model" and "predictor" not in n],
+        "dense_layers": list(layers[:sparse_layer]),
+        "predictors": [m for n, m in inner.named_children() if "predictor" in n],
+        "sparse_layers": list(layers[sparse_layer:]),
+        "head": [model.lm_head],
+    }
+    spent = dict.fromkeys(groups, 0.0)
+    began: dict[int, float] = {}
+    handles = []
+    for part, modules in groups.items():
+        for module in modules:
+
+            def pre(mod: Any, args: Any) -> None:
+                _synchronize()
+                began[id(mod)] = time.perf_counter()
+
+            def post(mod: Any, args: Any, output: Any, part: str = part) -> None:
+                _synchronize()
+                spent[part] += time.perf_counter() - began[id(mod)]
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    runs = []
+    try:
+        for _ in range(max(repeats, 1)):
+            for part in spent:
+                spent[part] = 0.0
+            _, total = wall_time(forward)
+            runs.append({**spent, "rest": total - sum(spent.values())})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {part: sorted(run[part] for run in runs)[len(runs) // 2] for part in PREFILL_PARTS}
+
+
+def prefill_parts_results(ctx: BenchContext, parts: dict[str, dict[str, float]], ours_s: Any) -> dict[str, Any]:
+    """Keys `prefill_part_{part}_{side}_s` (`PREFILL_PARTS`; sides ours, stock and floor: stock on the kept-length
+    prompts) and their ratios, and the parts floor: stock's vision, dense layers and head at the full prompt plus
+    its later layers on the kept length (all a prefill that prunes at `sparse_layer` must spend), with ours over it
+    (`prefill_time_vs_parts_floor_ratio`)."""
+    results: dict[str, Any] = {}
+    for part in PREFILL_PARTS:
+        for side, values in parts.items():
+            results[f"prefill_part_{part}_{side}_s"] = values[part]
+        results[f"prefill_part_{part}_ratio"] = ratio(parts["ours"][part], parts["stock"][part])
+    stock = parts["stock"]
+    floor = stock["vision"] + stock["dense_layers"] + stock["head"] + parts["floor"]["sparse_layers"]
+    results["prefill_time_parts_floor_s"] = floor
+    results["prefill_time_vs_parts_floor_ratio"] = ratio(ours_s, timed(floor))
+    return results
+
+
 @contextlib.contextmanager
 def tracked_forwards(model: torch.nn.Module) -> Iterator[dict[str, list]]:
     """Per forward of `model` (the prefill, then one per decode step): the cache bytes after it and the wall clock
-    when it returned (CUDA work waited for). Yields `{"bytes": [...], "clock": [...]}`, filled as it runs."""
-    track: dict[str, list] = {"bytes": [], "clock": []}
+    when it returned (CUDA work waited for). Yields `{"bytes": [...], "entry_bytes": [...], "clock": [...]}`, filled
+    as it runs (`bytes`: the cache's storage; `entry_bytes`: its kept entries, `accounting.entry_bytes`)."""
+    track: dict[str, list] = {"bytes": [], "entry_bytes": [], "clock": []}
 
     def hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         _synchronize()
         track["clock"].append(time.perf_counter())
-        track["bytes"].append(cache_bytes(cache_from_output(output)))
+        cache = cache_from_output(output)
+        track["bytes"].append(cache_bytes(cache))
+        track["entry_bytes"].append(entry_bytes(cache))
 
     handle = model.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -368,17 +445,39 @@ def counted_mask_builds(stock_text_model: torch.nn.Module) -> Iterator[dict[str,
         sparse_flow.attention_mask_for, modeling_stock.create_causal_mask = ours_builder, stock_builder
 
 
+SDPA_KERNELS = ("flash", "efficient", "cudnn", "math", "overrideable", "unknown")
+
+
+def sdpa_kernel(query: Any, key: Any, value: Any, attn_mask: Any, dropout_p: float, is_causal: bool, **kw: Any) -> str:
+    """The kernel `scaled_dot_product_attention` dispatches these arguments to (`torch._fused_sdp_choice`, the
+    function it asks itself): `flash`, `efficient`, `cudnn`, `math` or `overrideable`; `unknown` where this torch
+    has no such function."""
+    chooser = getattr(torch, "_fused_sdp_choice", None)
+    if chooser is None:
+        return "unknown"
+    choice = chooser(query, key, value, attn_mask, dropout_p, is_causal, scale=kw.get("scale"),
+                     enable_gqa=kw.get("enable_gqa", False))  # fmt: skip
+    name = torch.nn.attention.SDPBackend(choice).name.lower()
+    return {"flash_attention": "flash", "efficient_attention": "efficient", "cudnn_attention": "cudnn"}.get(name, name)
+
+
 @contextlib.contextmanager
 def counted_sdpa_masks() -> Iterator[dict[str, int]]:
-    """Count `torch.nn.functional.scaled_dot_product_attention` calls by the mask they pass: `float` (additive: SDPA
-    can take only its math or memory-efficient kernel, never flash), `bool`, `none` (causal or no mask: every kernel).
-    transformers' sdpa attention, which our sparse layers use too, looks the function up at each call."""
-    counts = {"float": 0, "bool": 0, "none": 0}
+    """Count `torch.nn.functional.scaled_dot_product_attention` calls by the mask they pass: `float` (additive),
+    `bool`, `none` (causal or no mask); and by the kernel each call dispatches to (`sdpa_kernel`, keys
+    `kernel_<name>`). On CUDA, flash takes no mask and the memory-efficient kernel takes either kind; on a CPU the
+    flash kernel takes every mask. transformers' sdpa attention, which our sparse layers use too, looks the function
+    up at each call."""
+    counts = {"float": 0, "bool": 0, "none": 0, **{f"kernel_{name}": 0 for name in SDPA_KERNELS}}
     original = torch.nn.functional.scaled_dot_product_attention
 
     def counting(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any, **kwargs: Any) -> Any:
         kind = "none" if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "float"
         counts[kind] += 1
+        dropout_p = args[0] if args else kwargs.get("dropout_p", 0.0)
+        is_causal = args[1] if len(args) > 1 else kwargs.get("is_causal", False)
+        extra = {name: kwargs[name] for name in ("scale", "enable_gqa") if name in kwargs}
+        counts[f"kernel_{sdpa_kernel(query, key, value, attn_mask, dropout_p, is_causal, **extra)}"] += 1
         return original(query, key, value, attn_mask, *args, **kwargs)
 
     torch.nn.functional.scaled_dot_product_attention = counting
@@ -389,8 +488,9 @@ def counted_sdpa_masks() -> Iterator[dict[str, int]]:
 
 
 def measure_sdpa_masks(ctx: BenchContext) -> dict[str, Any]:
-    """SDPA calls per decode step by mask kind (`counted_sdpa_masks`), (generate(1 + S) - generate(1)) / S, at batch
-    1 and at the decode batch (ragged if set): a float mask keeps a call off the flash kernel."""
+    """SDPA calls per decode step by mask kind and by kernel (`counted_sdpa_masks`), (generate(1 + S) -
+    generate(1)) / S, at batch 1 and at the decode batch (ragged if set). Keys `batch{b}_sdpa_{kind}_masks_per_step_
+    {side}` and `batch{b}_sdpa_kernel_{name}_per_step_{side}` (kernels no call took are left out)."""
     steps = max(ctx.settings.count_steps, 1)
     results: dict[str, Any] = {}
     for b in sorted({1, ctx.settings.decode_batch or 1}):
@@ -401,8 +501,13 @@ def measure_sdpa_masks(ctx: BenchContext) -> dict[str, Any]:
                 with counted_sdpa_masks() as counts:
                     ctx.gen(which, inputs, n)()
                 seen.append(dict(counts))
-            for kind in ("float", "bool", "none"):
-                results[f"batch{b}_sdpa_{kind}_masks_per_step_{which}"] = (seen[1][kind] - seen[0][kind]) / steps
+            for kind in seen[1]:
+                per_step = (seen[1][kind] - seen[0][kind]) / steps
+                if kind.startswith("kernel_"):
+                    if seen[1][kind]:
+                        results[f"batch{b}_sdpa_{kind}_per_step_{which}"] = per_step
+                else:
+                    results[f"batch{b}_sdpa_{kind}_masks_per_step_{which}"] = per_step
     return results
 
 
@@ -613,18 +718,38 @@ def step_times(clock: list[float], window: int = 32) -> list[float]:
     return [(clock[k + window] - clock[k]) / window for k in range(0, len(clock) - window, window)]
 
 
+def times_at(track: dict[str, list], k: int) -> float | Unmeasured:
+    """Decode time per token over the first `k` tokens of a `tracked_forwards` track (the prefill left out)."""
+    return per_step_time(track["clock"][k - 1], track["clock"][0], k - 1)
+
+
+def no_context_step_time(ctx: BenchContext, batch: int, steps: int) -> float | Unmeasured:
+    """Stock's decode time per token at `batch` rows from a one-token prompt over `steps` tokens: the weights, the
+    head and sampling with (almost) no keys to attend to, the time no pruning of the context can go below."""
+    inputs = {
+        "input_ids": torch.full((batch, 1), 3, dtype=torch.long, device=ctx.model.device),
+        "attention_mask": torch.ones(batch, 1, dtype=torch.long, device=ctx.model.device),
+    }
+    ctx.gen("stock", inputs, 2)()  # warm-up
+    with tracked_forwards(ctx.stock) as track:
+        ctx.gen("stock", inputs, steps)()
+    return times_at(track, steps)
+
+
 def long_generation_at(ctx: BenchContext, batch: int, lengths: list[int]) -> dict[str, Any]:
     """
     One generate of max(`lengths`) tokens per side at `batch` rows (ragged if set), each forward timed and its
     cache measured, and the floor: stock from prompts as long as what ours keeps (`kept_length_prompts`). At each
     length K: decode time per token over the first K tokens ((clock after forward K - clock after the prefill) /
-    (K - 1)), ours / stock and ours / floor; cache bytes after K tokens, ours / stock, with the FLOP-counted floors
+    (K - 1)), ours / stock and ours / floor, and stock's with no context over stock's (`no_context_step_time`: the
+    lowest time ratio any pruning of the context can reach); cache bytes after K tokens, ours / stock (and ours'
+    kept entries without row padding, `accounting.entry_bytes`, over stock's), with the FLOP-counted floors
     (time: a step at K/2 on the kept keys; bytes: l * (P + K) + (L - l) * (P' + r * K), over L * (P + K)). One run
     each (no median). Keys: `long{K}_...` at batch 1, `long{K}_b{batch}_...` otherwise.
     """
     longest = lengths[-1]
     inputs = ctx.inputs_at(batch, 5)
-    prompt = int(inputs["input_ids"].shape[1])
+    prompt = int(round(inputs["attention_mask"].double().sum(-1).mean().item()))  # the rows' mean real prompt
     tag = "" if batch == 1 else f"_b{batch}"
     results: dict[str, Any] = {"memory": {}}
     tracks, kept, floor_inputs = {}, None, None
@@ -641,13 +766,17 @@ def long_generation_at(ctx: BenchContext, batch: int, lengths: list[int]) -> dic
             cache = cache_from_output(out)
             keep_rate, _ = output_text_keep(cache)
             rate = 0 if isinstance(keep_rate, Unmeasured) else keep_rate
-            kept = (int(round(int(cache.kept_lengths()[-1, 0]) - (longest - 1) * rate)), keep_rate)
+            # the rows' mean kept prompt entries in the sparse layers (their kept entries less the generated ones)
+            kept_rows = cache.kept_lengths()[-1].double().mean().item()
+            kept = (int(round(kept_rows - (longest - 1) * rate)), keep_rate)
             floor_inputs = kept_length_prompts(ctx, inputs, cache)
         del out
+    no_context = no_context_step_time(ctx, batch, min(longest, 64))
     text = ctx.model.config.text_config
     layers, sparse_layer = text.num_hidden_layers, ctx.model.config.sparse_layer
     for k in lengths:
-        times = {w: per_step_time(tracks[w]["clock"][k - 1], tracks[w]["clock"][0], k - 1) for w in tracks}
+        results[f"long{k}{tag}_decode_time_no_context_ratio"] = ratio(no_context, times_at(tracks["stock"], k))
+        times = {w: times_at(tracks[w], k) for w in tracks}
         for which in WHICH:
             results[f"long{k}{tag}_decode_time_per_token_{which}_s"] = times[which]
             results[f"long{k}{tag}_cache_bytes_{which}"] = tracks[which]["bytes"][k - 1]
@@ -656,6 +785,11 @@ def long_generation_at(ctx: BenchContext, batch: int, lengths: list[int]) -> dic
         results[f"long{k}{tag}_decode_time_vs_floor_ratio"] = ratio(times["ours"], times["floor"])
         results[f"long{k}{tag}_cache_bytes_ratio"] = ratio(
             results[f"long{k}{tag}_cache_bytes_ours"], results[f"long{k}{tag}_cache_bytes_stock"]
+        )
+        # ours' kept entries row by row (no padding to the longest kept row) against stock's storage
+        results[f"long{k}{tag}_cache_entry_bytes_ours"] = tracks["ours"]["entry_bytes"][k - 1]
+        results[f"long{k}{tag}_cache_entry_bytes_ratio"] = ratio(
+            results[f"long{k}{tag}_cache_entry_bytes_ours"], results[f"long{k}{tag}_cache_bytes_stock"]
         )
         prefill_kept, keep_rate = kept
         if isinstance(keep_rate, Unmeasured):

@@ -447,11 +447,19 @@ def _count(value: float) -> str:
     return f"{value:.2f}" if value != int(value) else f"{int(value)}"
 
 
-def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | None, Callable[[float], str] | None]]:
-    """(label, ratio key, floor key, key prefix of the ours/stock values, formatter) for every measure present."""
-    r = "(ragged rows)" if results.get("ragged_rows") else ""
-    b = results.get("batch_size", 1)
-    rows = [
+PREFILL_PART_LABELS = {
+    "vision": "vision tower and projector",
+    "dense_layers": "dense layers (below sparse_layer)",
+    "predictors": "image predictor",
+    "sparse_layers": "layers from sparse_layer on",
+    "head": "LM head",
+    "rest": "the rest (embedding, merging, selection, masks)",
+}
+
+
+def _prefill_rows() -> list[tuple[str, str, str | None, str | None, Callable[[float], str] | None]]:
+    """`_rows` of the prefill: FLOPs, time, its floors and its time by part."""
+    return [
         ("prefill LLM FLOPs", "prefill_llm_flops_ratio", "prefill_llm_flops_floor_ratio", "prefill_llm_flops", _flops),
         (
             "prefill whole-model FLOPs",
@@ -468,6 +476,33 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | Non
             None,
             None,
         ),
+        (
+            "prefill time, ours / stock's vision, dense layers and head on the prompt and later layers on the kept"
+            " length (parts floor)",
+            "prefill_time_vs_parts_floor_ratio",
+            None,
+            None,
+            None,
+        ),
+        *[
+            (
+                f"prefill time by part: {label}",
+                f"prefill_part_{part}_ratio",
+                None,
+                f"prefill_part_{part}_{{}}_s",
+                _seconds,
+            )
+            for part, label in PREFILL_PART_LABELS.items()
+        ],
+    ]
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, str | None, str | None, Callable[[float], str] | None]]:
+    """(label, ratio key, floor key, key prefix of the ours/stock values, formatter) for every measure present."""
+    r = "(ragged rows)" if results.get("ragged_rows") else ""
+    b = results.get("batch_size", 1)
+    rows = [
+        *_prefill_rows(),
         (
             "prefill LLM FLOPs, attention scorer (FastV)",
             "attention_scorer_prefill_llm_flops_ratio",
@@ -565,11 +600,8 @@ def _nocache_rows(results: dict[str, Any]) -> list:
     ]
 
 
-def _later_rows(
-    results: dict[str, Any],
-) -> list[tuple[str, str, str | None, str | None, Callable[[float], str] | None]]:
-    """`_rows` of the long generations, the compiled runs and the memory measures."""
-    b = results.get("batch_size", 1)
+def _long_rows(results: dict[str, Any]) -> list:
+    """`_rows` of the long generations, per batch of `long_batches` and length of `long_tokens`."""
     rows: list = []
     for batch in results.get("long_batches", [1]):
         tag = "" if batch == 1 else f"_b{batch}"
@@ -591,6 +623,13 @@ def _later_rows(
                     None,
                 ),
                 (
+                    f"long generation: same, stock with no context / stock (no pruning goes below), {rows_of}",
+                    f"long{n}{tag}_decode_time_no_context_ratio",
+                    None,
+                    None,
+                    None,
+                ),
+                (
                     f"long generation: cache bytes after {n} tokens, {rows_of}",
                     f"long{n}{tag}_cache_bytes_ratio",
                     f"long{n}{tag}_cache_bytes_floor_ratio",
@@ -598,6 +637,25 @@ def _later_rows(
                     _bytes,
                 ),
             ]
+            if batch > 1:  # (at batch 1 storage and kept entries are the same)
+                rows.append(
+                    (
+                        f"long generation: kept entries' bytes after {n} tokens (no row padded), {rows_of}",
+                        f"long{n}{tag}_cache_entry_bytes_ratio",
+                        f"long{n}{tag}_cache_bytes_floor_ratio",
+                        None,
+                        None,
+                    )
+                )
+    return rows
+
+
+def _later_rows(
+    results: dict[str, Any],
+) -> list[tuple[str, str, str | None, str | None, Callable[[float], str] | None]]:
+    """`_rows` of the long generations, the compiled runs and the memory measures."""
+    b = results.get("batch_size", 1)
+    rows: list = _long_rows(results)
     rows += [
         ("overhead, prefill time (sparsity off)", "overhead_prefill_time_ratio", None, None, None),
         ("overhead, decode time (sparsity off)", "overhead_decode_time_ratio", None, None, None),
@@ -705,6 +763,11 @@ def format_table(results: dict[str, Any]) -> str:
         for kind in ("float", "bool", "none"):
             ours, stock = (_count(results[f"batch{b}_sdpa_{kind}_masks_per_step_{w}"]) for w in ("ours", "stock"))
             lines.append(f"| SDPA calls/decode step with a {kind} mask, batch {b} | {ours} | {stock} | | |")
+        for kernel in measures.SDPA_KERNELS:
+            taken = [results.get(f"batch{b}_sdpa_kernel_{kernel}_per_step_{w}") for w in ("ours", "stock")]
+            if any(t is not None for t in taken):
+                ours, stock = (_count(t or 0) for t in taken)
+                lines.append(f"| SDPA calls/decode step to the {kernel} kernel, batch {b} | {ours} | {stock} | | |")
     for which, error in results.get("compiled_errors", {}).items():
         lines.append(f"| compiled {which} failed | {error.splitlines()[0][:80]} | | | |")
     if "compiled_compile_wall_ours_s" in results or "compiled_compile_wall_stock_s" in results:
