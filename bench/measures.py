@@ -221,7 +221,8 @@ def prefill_parts(
     slower forward than the unhooked one): `vision` (the inner model's children other than the language model and
     the predictors: vision tower, projector), `dense_layers` (decoder layers below `sparse_layer`), `predictors`,
     `sparse_layers` (the decoder layers from `sparse_layer` on), `head` (the LM head), `rest` (the forward less all
-    of these: embedding, merging, selection, masks, the final norm).
+    of these: embedding, merging, selection, masks, the final norm). A part the forward does not run (stock's
+    predictors, the vision tower of a prompt without an image) is left out.
     """
     inner = model.model
     layers = inner.language_model.layers
@@ -233,6 +234,7 @@ def prefill_parts(
         "head": [model.lm_head],
     }
     spent = dict.fromkeys(groups, 0.0)
+    calls = dict.fromkeys(groups, 0)
     began: dict[int, float] = {}
     handles = []
     for part, modules in groups.items():
@@ -245,6 +247,7 @@ def prefill_parts(
             def post(mod: Any, args: Any, output: Any, part: str = part) -> None:
                 _synchronize()
                 spent[part] += time.perf_counter() - began[id(mod)]
+                calls[part] += 1
 
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     runs = []
@@ -257,7 +260,8 @@ def prefill_parts(
     finally:
         for handle in handles:
             handle.remove()
-    return {part: sorted(run[part] for run in runs)[len(runs) // 2] for part in PREFILL_PARTS}
+    ran = [part for part in PREFILL_PARTS if part == "rest" or calls[part]]  # (stock has no predictor, no image
+    return {part: sorted(run[part] for run in runs)[len(runs) // 2] for part in ran}  # reaches the floor's tower)
 
 
 def prefill_parts_results(ctx: BenchContext, parts: dict[str, dict[str, float]], ours_s: Any) -> dict[str, Any]:
@@ -268,11 +272,13 @@ def prefill_parts_results(ctx: BenchContext, parts: dict[str, dict[str, float]],
     results: dict[str, Any] = {}
     for part in PREFILL_PARTS:
         for side, values in parts.items():
-            results[f"prefill_part_{part}_{side}_s"] = values[part]
-        results[f"prefill_part_{part}_ratio"] = ratio(parts["ours"][part], parts["stock"][part])
+            if part in values:  # (the parts a side runs: `prefill_parts`)
+                results[f"prefill_part_{part}_{side}_s"] = timed(values[part])
+        if part in parts["ours"] and part in parts["stock"]:
+            results[f"prefill_part_{part}_ratio"] = ratio(timed(parts["ours"][part]), timed(parts["stock"][part]))
     stock = parts["stock"]
-    floor = stock["vision"] + stock["dense_layers"] + stock["head"] + parts["floor"]["sparse_layers"]
-    results["prefill_time_parts_floor_s"] = floor
+    floor = stock.get("vision", 0.0) + stock["dense_layers"] + stock["head"] + parts["floor"]["sparse_layers"]
+    results["prefill_time_parts_floor_s"] = timed(floor)
     results["prefill_time_vs_parts_floor_ratio"] = ratio(ours_s, timed(floor))
     return results
 
