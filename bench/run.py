@@ -741,9 +741,9 @@ def format_table(results: dict[str, Any]) -> str:
     reads "n/a (why)"; one that did not run is left out."""
     lines = ["| measure | ours | stock | ours / stock | floor |", "|---|---|---|---|---|"]
     for label, key, floor, values, fmt in _rows(results):
-        if key not in results:
-            continue
         ours, stock = _values(results, values, fmt)
+        if key not in results and ours in ("", "n/a"):  # (a value without a ratio, e.g. ours' predictor, is shown)
+            continue
         lines.append(
             f"| {label.strip()} | {ours} | {stock} | {_ratio_text(results, key)} | {_ratio_text(results, floor)} |"
         )

@@ -117,6 +117,7 @@ def test_bench_command_writes_results_and_plots(tmp_path):
     assert (tmp_path / "prefill_flops_by_layer.png").exists()
 
 
+@pytest.mark.slow  # (the quick loop runs the bench in tests/test_bench_missing.py)
 def test_bench_reports_every_new_measure_on_a_tiny_model(caplog):
     """The keys of TTFT, the ragged decode batch, tokens/s per batch, ops and syncs per step, memory per run and
     the budget, with the per-call sparsity options (no timing asserted)."""
@@ -167,6 +168,17 @@ def test_bench_reports_every_new_measure_on_a_tiny_model(caplog):
     table = format_table(results)
     assert "| time to first token, batch 1 |" in table and "largest batch in 0.012 GiB" in table
     assert json.dumps(results, default=float)
+    # every SDPA call of a decode step is counted once by its mask kind and once by the kernel it dispatched to
+    for b in (1, 2):
+        for side in ("ours", "stock"):
+            by_mask = sum(results[f"batch{b}_sdpa_{kind}_masks_per_step_{side}"] for kind in ("float", "bool", "none"))
+            kernels = [k for k in results if k.startswith(f"batch{b}_sdpa_kernel_") and k.endswith(f"_{side}")]
+            assert kernels and sum(results[k] for k in kernels) == by_mask > 0, (b, side)
+    # the prefill by part: ours runs the predictor, stock does not; the floor's prompt has no image
+    assert results["prefill_part_predictors_ours_s"] > 0 and "prefill_part_predictors_stock_s" not in results
+    assert "prefill_part_vision_floor_s" not in results and results["prefill_part_sparse_layers_floor_s"] > 0
+    assert results["prefill_time_vs_parts_floor_ratio"] > 0
+    assert "| prefill time by part: image predictor |" in table
 
 
 def test_ragged_bench_inputs_are_left_padded_rows_of_different_lengths():
@@ -212,3 +224,10 @@ def test_gpu_bench_script_dry_run(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| long generation: cache bytes after 32 tokens, batch 1 |" in table
     assert "| long generation: cache bytes after 32 tokens, batch 2 ragged |" in table
+    # ours' kept entries fit in its storage (rows are padded to the longest kept row, never cut); batch 1 has no
+    # padding, so its entries are its storage
+    for k in (16, 32):
+        assert saved[f"long{k}_b2_cache_entry_bytes_ratio"] <= saved[f"long{k}_b2_cache_bytes_ratio"]
+        assert saved[f"long{k}_cache_entry_bytes_ratio"] == saved[f"long{k}_cache_bytes_ratio"]
+        assert saved[f"long{k}_b2_decode_time_no_context_ratio"] > 0
+    assert "stock with no context / stock (no pruning goes below), batch 2 ragged |" in table

@@ -88,6 +88,7 @@ def test_the_stock_model_of_each_base_is_its_stock_class_on_the_same_weights(bas
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow  # (bench runs: the quick loop keeps the scorer-missing one and tests/test_bench_missing.py)
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_the_bench_on_each_bases_tiny_preset_reports_ratios_at_their_floors(base):
     """Prefill LLM FLOPs and KV bytes within 3% of their floors, the time ratios against the base's stock class, and
@@ -124,6 +125,7 @@ def test_the_attention_scorer_is_reported_missing_when_vision_pruning_is_off():
     assert "| prefill time, attention scorer (FastV) | n/a | n/a | n/a (the attention scorer" in format_table(results)
 
 
+@pytest.mark.slow  # (bench runs: the quick loop keeps the scorer-missing one and tests/test_bench_missing.py)
 @pytest.mark.parametrize("base", ["llava_next", "qwen2_5_vl"])
 def test_the_bench_loads_a_folder_of_any_base_through_the_registry(base, tmp_path):
     model = preset_model(TINY[base])
@@ -170,6 +172,7 @@ def test_the_cpu_presets_have_their_bases_real_image_token_counts(base):
     assert tokens == {"llava_next": 2340, "qwen2_5_vl": 529}[base]
 
 
+@pytest.mark.slow  # (bench runs: the quick loop keeps the scorer-missing one and tests/test_bench_missing.py)
 def test_bench_command_runs_a_preset_of_another_base(capsys):
     from dynamic_llava.cli import main
 
