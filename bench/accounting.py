@@ -62,7 +62,8 @@ def entry_bytes(cache: Any) -> int:
 
 @contextlib.contextmanager
 def eager_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Attention as plain matmuls while counting: FlopCounterMode does not count CPU sdpa kernels."""
+    """The decoder's attention as plain matmuls while counting (`flop_counter_mode` counts SDPA's CPU kernel too, with
+    the same formula; the decoder's count goes through the matmuls as it always has)."""
     configs = [model.config, model.config.text_config, model.config.vision_config]
     saved = [c._attn_implementation for c in configs]
     for c in configs:

@@ -275,7 +275,9 @@ def prefill_parts_results(ctx: BenchContext, parts: dict[str, dict[str, float]],
             if part in values:  # (the parts a side runs: `prefill_parts`)
                 results[f"prefill_part_{part}_{side}_s"] = timed(values[part])
         if part in parts["ours"] and part in parts["stock"]:
-            results[f"prefill_part_{part}_ratio"] = ratio(timed(parts["ours"][part]), timed(parts["stock"][part]))
+            results[f"prefill_part_{part}_ratio"] = ratio(
+                results[f"prefill_part_{part}_ours_s"], results[f"prefill_part_{part}_stock_s"]
+            )
     stock = parts["stock"]
     floor = stock.get("vision", 0.0) + stock["dense_layers"] + stock["head"] + parts["floor"]["sparse_layers"]
     results["prefill_time_parts_floor_s"] = timed(floor)
@@ -461,8 +463,8 @@ def sdpa_kernel(query: Any, key: Any, value: Any, attn_mask: Any, dropout_p: flo
     chooser = getattr(torch, "_fused_sdp_choice", None)
     if chooser is None:
         return "unknown"
-    choice = chooser(query, key, value, attn_mask, dropout_p, is_causal, scale=kw.get("scale"),
-                     enable_gqa=kw.get("enable_gqa", False))  # fmt: skip
+    scale, enable_gqa = kw.get("scale"), kw.get("enable_gqa", False)
+    choice = chooser(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     name = torch.nn.attention.SDPBackend(choice).name.lower()
     return {"flash_attention": "flash", "efficient_attention": "efficient", "cudnn_attention": "cudnn"}.get(name, name)
 
@@ -781,8 +783,8 @@ def long_generation_at(ctx: BenchContext, batch: int, lengths: list[int]) -> dic
     text = ctx.model.config.text_config
     layers, sparse_layer = text.num_hidden_layers, ctx.model.config.sparse_layer
     for k in lengths:
-        results[f"long{k}{tag}_decode_time_no_context_ratio"] = ratio(no_context, times_at(tracks["stock"], k))
         times = {w: times_at(tracks[w], k) for w in tracks}
+        results[f"long{k}{tag}_decode_time_no_context_ratio"] = ratio(no_context, times["stock"])
         for which in WHICH:
             results[f"long{k}{tag}_decode_time_per_token_{which}_s"] = times[which]
             results[f"long{k}{tag}_cache_bytes_{which}"] = tracks[which]["bytes"][k - 1]
